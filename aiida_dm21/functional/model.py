@@ -1,0 +1,121 @@
+"""The DM21 network in PyTorch.
+
+Architecture (read off the published TF-Hub graphs, see ``docs/architecture.md``)::
+
+    x (N, 11) -> log(|x| + eps_log)
+              -> tanh(Linear 11->256)
+              -> 6 x residual block: h <- elu(layer_norm(h + Linear 256->256 (h)))
+              -> Linear 256->3 -> f = 2 * sigmoid(y / 2)
+
+The XC energy density (per volume) is assembled from the three enhancement factors by
+:func:`xc_energy_density`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+__all__ = ['FEATURE_NAMES', 'LDA_X_FACTOR', 'DM21Config', 'DM21Network', 'xc_energy_density', 'xc_energy_parts']
+
+#: Order of the 11 input features of the network.
+FEATURE_NAMES: tuple[str, ...] = (
+    'rho_a',
+    'rho_b',
+    'norm_grad_rho',
+    'norm_grad_rho_a',
+    'norm_grad_rho_b',
+    'tau_a',
+    'tau_b',
+    'hfx_a_omega0',
+    'hfx_a_omega0.4',
+    'hfx_b_omega0',
+    'hfx_b_omega0.4',
+)
+
+#: -(3/4) (6/pi)^(1/3): LDA exchange energy density per spin channel is LDA_X_FACTOR * rho_s^(4/3).
+LDA_X_FACTOR: float = -0.75 * (6.0 / math.pi) ** (1.0 / 3.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DM21Config:
+    """Hyper-parameters of the DM21 architecture (the published functionals all use the defaults)."""
+
+    n_features: int = 11
+    hidden: int = 256
+    n_blocks: int = 6
+    n_outputs: int = 3
+    layer_norm_eps: float = 1e-5
+    log_offset: float = 1e-4
+    abs_offset: float = 1e-9
+    omegas: tuple[float, ...] = (0.0, 0.4)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data['omegas'] = list(self.omegas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DM21Config:
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f'unknown DM21 architecture keys: {sorted(unknown)}')
+        values = dict(data)
+        if 'omegas' in values:
+            values['omegas'] = tuple(float(w) for w in values['omegas'])
+        return cls(**values)
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width, eps=eps)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return nn.functional.elu(self.norm(h + self.linear(h)))
+
+
+class DM21Network(nn.Module):
+    """Maps the (N, 11) raw features to (N, 3) enhancement factors in (0, 2)."""
+
+    def __init__(self, config: DM21Config | None = None) -> None:
+        super().__init__()
+        self.config = config or DM21Config()
+        c = self.config
+        self.input_layer = nn.Linear(c.n_features, c.hidden)
+        self.blocks = nn.ModuleList(_ResidualBlock(c.hidden, c.layer_norm_eps) for _ in range(c.n_blocks))
+        self.output_layer = nn.Linear(c.hidden, c.n_outputs)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        x = torch.log(torch.abs(features) + (c.abs_offset + c.log_offset))
+        h = torch.tanh(self.input_layer(x))
+        for block in self.blocks:
+            h = block(h)
+        y = self.output_layer(h)
+        return 2.0 * torch.sigmoid(y / 2.0)
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def xc_energy_parts(rho_a: torch.Tensor, rho_b: torch.Tensor, hfx: torch.Tensor) -> torch.Tensor:
+    """The three energy densities (per volume) that the enhancement factors multiply, shape ``(N, 3)``.
+
+    ``hfx`` is ``(2 spins, n_omega, N)``: local HF exchange energy densities per spin and omega.  Columns:
+    e_x^LDA = LDA_X_FACTOR (rho_a^4/3 + rho_b^4/3), (e_hf,a + e_hf,b)(omega=0), (e_hf,a + e_hf,b)(omega=0.4).
+    """
+    e_lda = LDA_X_FACTOR * (rho_a.clamp(min=0.0) ** (4.0 / 3.0) + rho_b.clamp(min=0.0) ** (4.0 / 3.0))
+    hf_total = hfx[0] + hfx[1]
+    return torch.stack([e_lda, hf_total[0], hf_total[1]], dim=1)
+
+
+def xc_energy_density(enhancement: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
+    """e_xc = f1 e_x^LDA + f2 e_hf(omega=0) + f3 e_hf(omega=0.4), per volume, shape ``(N,)``."""
+    return (enhancement * parts).sum(-1)

@@ -1,0 +1,286 @@
+"""DM21 features, energy and Fock matrix on a PySCF grid (no AiiDA).
+
+The energy is E_xc[D] = sum_g w_g e_xc(x_g[D]) with the 11 features x_g of :mod:`.model`.  Everything
+from the density matrices to E_xc is written in PyTorch, so the XC potential matrix is the exact
+derivative dE_xc/dD from autograd: the semi-local part (what PySCF would assemble from
+vrho/vsigma/vtau) and the local Hartree-Fock part (which no stock PySCF functional has) come out of
+one backward pass.
+
+Cost.  The local-HF features need nu_bd(r) = int chi_b(r') v_omega(|r - r'|) chi_d(r') dr' at every grid
+point for both omegas: ``ngrid x nao^2`` three-centre integrals, by far the most expensive
+ingredient, and independent of the density matrix.  DeepMind's code recomputes them at every SCF
+iteration; here they are computed once per (molecule, grid) and cached for the whole SCF when they
+fit in ``max_memory`` (MB), otherwise recomputed block by block (same result, more time).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from pyscf.dft import numint as pyscf_numint
+
+from .model import DM21Network, xc_energy_density, xc_energy_parts
+
+__all__ = ['DM21NumInt', 'UnsupportedSystemError', 'XCResult', 'check_supported_molecule']
+
+
+class UnsupportedSystemError(ValueError):
+    """The molecule cannot be treated by the DM21 functionals (periodic cell, ECP, ...)."""
+
+
+def check_supported_molecule(mol) -> None:
+    """Raise :class:`UnsupportedSystemError` for systems DM21 cannot treat, with the reason."""
+    if getattr(mol, 'a', None) is not None or type(mol).__module__.startswith('pyscf.pbc'):
+        raise UnsupportedSystemError(
+            'periodic cells are not supported by the DM21 functionals: the local Hartree-Fock features '
+            'need molecular (open boundary) three-centre integrals; use a finite molecule'
+        )
+    if mol.has_ecp():
+        raise UnsupportedSystemError(
+            'effective core potentials are not supported: DM21 was trained on all-electron densities; '
+            'use an all-electron basis set (e.g. cc-pVDZ, def2-SVP without ECP)'
+        )
+    nelec_a, nelec_b = mol.nelec
+    if nelec_a < 0 or nelec_b < 0 or nelec_a + nelec_b <= 0:
+        raise UnsupportedSystemError(
+            f'charge {mol.charge} and spin {mol.spin} leave {nelec_a} alpha and {nelec_b} beta electrons'
+        )
+
+
+@dataclass
+class XCResult:
+    nelec: np.ndarray  # electrons per spin channel from numerical integration
+    exc: float  # XC energy (Ha)
+    vxc: np.ndarray  # (nspin, nao, nao) dE_xc/dD_spin
+
+
+@dataclass
+class _Block:
+    weights: torch.Tensor  # (g,)
+    ao: torch.Tensor  # (4, g, nao): value and x, y, z derivatives
+    coords: np.ndarray  # (g, 3)
+    nu: torch.Tensor | None  # (n_omega, g, nao, nao) when cached
+
+
+@dataclass
+class Timings:
+    """Wall time (s) accumulated per phase over all evaluations."""
+
+    integrals: float = 0.0
+    features: float = 0.0
+    network: float = 0.0
+    potential: float = 0.0
+    calls: int = 0
+    history: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ('integrals', 'features', 'network', 'potential', 'calls')}
+
+
+class DM21NumInt(pyscf_numint.NumInt):
+    """A PySCF ``NumInt`` that evaluates a DM21-architecture functional.
+
+    It serves PySCF's ground-state entry points ``nr_rks`` and ``nr_uks`` (same signature from PySCF
+    2.0 to 2.14), so it also works when assigned to a stock KS object: ``mf._numint = DM21NumInt(net)``
+    with a non-hybrid ``mf.xc``.  PySCF's per-point entry points ``eval_xc``/``eval_xc_eff`` receive only
+    the density on the grid, never the density matrix that the local-HF features need; they raise
+    :class:`NotImplementedError` instead of returning something wrong.
+    """
+
+    def __init__(self, network: DM21Network, *, network_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.network = network.to(network_dtype).eval()
+        self.network.requires_grad_(False)  # during SCF only the inputs need gradients
+        self.network_dtype = network_dtype
+        self.omegas = tuple(network.config.omegas)
+        self.timings = Timings()
+        self._cache_key: tuple | None = None
+        self._blocks: list[_Block] = []
+
+    # --- hybrid / type queries used by PySCF --------------------------------------------------------
+    def rsh_and_hybrid_coeff(self, *args, **kwargs):
+        return 0.0, 0.0, 0.0
+
+    def rsh_coeff(self, *args, **kwargs):
+        return 0.0, 0.0, 0.0
+
+    def hybrid_coeff(self, *args, **kwargs):
+        return 0.0
+
+    def _xc_type(self, *args, **kwargs):
+        return 'MGGA'
+
+    def eval_xc(self, *args, **kwargs):
+        raise NotImplementedError(
+            'DM21 functionals depend on the density matrix through local Hartree-Fock features; they cannot '
+            'be evaluated from the density on the grid alone (eval_xc). Use nr_rks/nr_uks (ground-state SCF).'
+        )
+
+    eval_xc_eff = eval_xc
+
+    # --- PySCF entry points ------------------------------------------------------------------------
+    def nr_rks(self, mol, grids, xc_code, dms, relativity=0, hermi=1, max_memory=2000, verbose=None):
+        dm = _single_dm(dms, 2)
+        result = self.evaluate(mol, grids, np.asarray(dm)[None] / 2.0, restricted=True, max_memory=max_memory)
+        return float(result.nelec.sum()), result.exc, result.vxc[0]
+
+    def nr_uks(self, mol, grids, xc_code, dms, relativity=0, hermi=1, max_memory=2000, verbose=None):
+        dms = np.asarray(dms)
+        if dms.ndim == 2:  # a restricted density matrix
+            dms = np.stack([dms / 2.0, dms / 2.0])
+        if dms.ndim != 3 or dms.shape[0] != 2:
+            raise NotImplementedError('DM21NumInt.nr_uks takes one (alpha, beta) pair of density matrices')
+        result = self.evaluate(mol, grids, dms, restricted=False, max_memory=max_memory)
+        return result.nelec, result.exc, result.vxc
+
+    # --- the evaluation proper -----------------------------------------------------------------------
+    def evaluate(
+        self, mol, grids, dms: np.ndarray, *, restricted: bool, max_memory: float = 4000, with_vxc: bool = True
+    ) -> XCResult:
+        """E_xc and dE_xc/dD for spin density matrices ``dms`` (``(1, nao, nao)`` = D/2 if restricted).
+
+        For ``restricted`` the single matrix is used for both spin channels and the returned potential
+        is dE_xc/dD_total (what PySCF's RKS Fock matrix needs).
+        """
+        check_supported_molecule(mol)
+        if grids.coords is None:
+            grids.build(with_non0tab=True)
+        dm_leaf = torch.from_numpy(np.ascontiguousarray(dms, dtype=np.float64)).requires_grad_(with_vxc)
+        nelec = np.zeros(2)
+        exc = 0.0
+        t = self.timings
+        for block in self._iter_blocks(mol, grids, max_memory):
+            nu = block.nu
+            if nu is None:
+                t0 = time.perf_counter()
+                nu = self._nu(mol, block.coords)
+                t.integrals += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            rho, feats, xc_parts = _features(block.ao, nu, dm_leaf)
+            t1 = time.perf_counter()
+            energy_weights = block.weights[:, None] * xc_parts.detach()  # dE/df, (g, 3)
+            x = feats.detach().to(self.network_dtype).requires_grad_(with_vxc)
+            with torch.set_grad_enabled(with_vxc):
+                f = self.network(x)
+                if with_vxc:
+                    (g_feats,) = torch.autograd.grad(f, x, grad_outputs=energy_weights.to(f.dtype))
+            t2 = time.perf_counter()
+            f64 = f.detach().to(torch.float64)
+            e_block = (energy_weights * f64).sum()
+            if with_vxc:
+                surrogate = (block.weights[:, None] * xc_parts * f64).sum() + (feats * g_feats.to(torch.float64)).sum()
+                surrogate.backward()
+            t3 = time.perf_counter()
+            t.features += t1 - t0
+            t.network += t2 - t1
+            t.potential += t3 - t2
+            exc += float(e_block)
+            nelec += (block.weights * rho.detach()).sum(-1).numpy()
+        t.calls += 1
+        vxc = None
+        if with_vxc:
+            grad = dm_leaf.grad.numpy()
+            vxc = 0.5 * (grad + grad.transpose(0, 2, 1))
+            if restricted:
+                vxc = vxc * 0.5  # D_a = D_b = D/2 both depend on D
+        return XCResult(nelec=nelec, exc=exc, vxc=vxc)
+
+    def xc_energy_density_on_grid(self, mol, grids, dms: np.ndarray, max_memory: float = 4000):
+        """Features (g, 11), weights and e_xc per volume on the whole grid, for analysis and training data."""
+        feats_all, w_all, e_all = [], [], []
+        dm_leaf = torch.from_numpy(np.ascontiguousarray(dms, dtype=np.float64))
+        with torch.no_grad():
+            for block in self._iter_blocks(mol, grids, max_memory):
+                nu = block.nu if block.nu is not None else self._nu(mol, block.coords)
+                _, feats, xc_parts = _features(block.ao, nu, dm_leaf)
+                f = self.network(feats.to(self.network_dtype)).to(torch.float64)
+                feats_all.append(feats)
+                w_all.append(block.weights)
+                e_all.append(xc_energy_density(f, xc_parts))
+        return torch.cat(feats_all).numpy(), torch.cat(w_all).numpy(), torch.cat(e_all).numpy()
+
+    # --- grid blocks and integrals -------------------------------------------------------------------
+    def _nu(self, mol, coords: np.ndarray) -> torch.Tensor:
+        out = []
+        for omega in self.omegas:
+            with mol.with_range_coulomb(omega):
+                out.append(mol.intor('int1e_grids', hermi=1, grids=coords))
+        return torch.from_numpy(np.stack(out))
+
+    def _iter_blocks(self, mol, grids, max_memory: float) -> Iterator[_Block]:
+        key = (id(mol), mol.nao, id(grids.coords), len(grids.weights), self.omegas)
+        if key == self._cache_key:
+            yield from self._blocks
+            return
+        nao = mol.nao
+        n_omega = len(self.omegas)
+        ngrid = len(grids.weights)
+        nu_bytes = 8.0 * ngrid * nao * nao * n_omega
+        cache_nu = nu_bytes / 1e6 < 0.8 * max_memory
+        # blocks of about 64 MB of nu integrals, at least 128 points
+        blksize = int(max(128, min(ngrid, 64e6 / (8.0 * nao * nao * n_omega))))
+        blocks = []
+        for start in range(0, ngrid, blksize):
+            coords = np.ascontiguousarray(grids.coords[start : start + blksize])
+            ao = pyscf_numint.eval_ao(mol, coords, deriv=1)
+            nu = None
+            if cache_nu:
+                t0 = time.perf_counter()
+                nu = self._nu(mol, coords)
+                self.timings.integrals += time.perf_counter() - t0
+            block = _Block(
+                weights=torch.from_numpy(np.ascontiguousarray(grids.weights[start : start + blksize])),
+                ao=torch.from_numpy(np.ascontiguousarray(ao)),
+                coords=coords,
+                nu=nu,
+            )
+            blocks.append(block)
+            yield block
+        self._blocks = blocks
+        self._cache_key = key
+
+    def reset_cache(self) -> None:
+        self._cache_key = None
+        self._blocks = []
+
+
+def _single_dm(dms, ndim: int):
+    dms = np.asarray(dms)
+    if dms.ndim != ndim:
+        raise NotImplementedError(
+            'DM21NumInt evaluates one density matrix at a time (ground-state SCF); response/TDDFT '
+            'calculations with several density matrices are not supported'
+        )
+    return dms
+
+
+def _features(ao: torch.Tensor, nu: torch.Tensor, dm: torch.Tensor):
+    """Features from AO values ``(4, g, nao)``, nu ``(n_omega, g, nao, nao)`` and spin DMs ``(ns, nao, nao)``.
+
+    ``ns`` is 1 for a restricted density (``dm`` = D/2 serves both spin channels) or 2.  Returns the
+    spin densities ``(2, g)``, the feature matrix ``(g, 11)`` in :data:`.model.FEATURE_NAMES` order and
+    the energy densities that the enhancement factors multiply, ``(g, 3)``.
+    """
+    ao0, ao1 = ao[0], ao[1:]
+    x = torch.matmul(ao0, dm)  # (ns, g, nao): E_b(r) = sum_a chi_a(r) D_ab
+    rho = (x * ao0).sum(-1)  # (ns, g)
+    grad = 2.0 * (x.unsqueeze(1) * ao1).sum(-1)  # (ns, 3, g)
+    tau = 0.5 * (torch.matmul(ao1, dm.unsqueeze(1)) * ao1).sum(-1).sum(1)  # (ns, g)
+    fxx = torch.einsum('wgbd,sgd->swgb', nu, x)  # (ns, n_omega, g, nao)
+    hfx = -0.5 * (x.unsqueeze(1) * fxx).sum(-1)  # (ns, n_omega, g)
+    if rho.shape[0] == 1:  # restricted: both channels from D/2
+        rho = rho.expand(2, -1)
+        grad = grad.expand(2, -1, -1)
+        tau = tau.expand(2, -1)
+        hfx = hfx.expand(2, -1, -1)
+    sigma_a = (grad[0] ** 2).sum(0)
+    sigma_b = (grad[1] ** 2).sum(0)
+    sigma = ((grad[0] + grad[1]) ** 2).sum(0)
+    feats = torch.stack(
+        [rho[0], rho[1], sigma, sigma_a, sigma_b, tau[0], tau[1], hfx[0, 0], hfx[0, 1], hfx[1, 0], hfx[1, 1]], dim=1
+    )
+    return rho, feats, xc_energy_parts(rho[0], rho[1], hfx)

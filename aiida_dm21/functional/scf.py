@@ -1,0 +1,234 @@
+"""PySCF SCF objects that run a DM21-architecture functional: :func:`KS`, :func:`RKS`, :func:`UKS`, :func:`ROKS`.
+
+They are ordinary PySCF ``RKS``/``UKS``/``ROKS`` objects (``kernel()``, ``e_tot``, ``converged``,
+``make_rdm1()``, ``analyze()``...) whose ``get_veff`` builds J with PySCF and the whole XC part
+(semi-local and local-HF) with :class:`~aiida_dm21.functional.numint.DM21NumInt`.  Exact exchange (K)
+is never built: DM21 contains its HF-like terms itself.
+
+Defaults follow DeepMind's recommendations for DM21 and are attributes you can change:
+
+==================  ==========  ==========================================================
+attribute           default     why
+==================  ==========  ==========================================================
+``init_guess``      ``'b3lyp'`` start from a converged B3LYP (VWN5) density on the same grid
+``conv_tol``        1e-6        energy change (Ha); the network is float32, 1e-7 is the floor
+``conv_tol_grad``   1e-3        orbital gradient; tighter is rarely reachable in float32
+``small_rho_cutoff``1e-20       keep every grid point (DM21 was trained on unpruned grids)
+``grids.level``     3           PySCF's default
+``grids.radi_method``           Treutler-Ahlrichs with xi = 1 (PySCF <= 2.6 grids, DeepMind's)
+==================  ==========  ==========================================================
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+from pyscf import dft, lib
+from pyscf.dft import radi
+from pyscf.dft import roks as pyscf_roks
+from pyscf.dft import uks as pyscf_uks
+from pyscf.lib import logger
+
+from .checkpoint import load_network
+from .model import DM21Network
+from .numint import DM21NumInt, check_supported_molecule
+
+__all__ = ['KS', 'RKS', 'ROKS', 'UKS', 'b3lyp_guess']
+
+FunctionalSpec = str | Path | DM21Network
+
+
+def treutler_ahlrichs_original(n, *args, **kwargs):
+    """Treutler-Ahlrichs radial grid with xi = 1 for every element, as in PySCF <= 2.6.
+
+    PySCF 2.7 switched to element-specific xi (``radi.ATOM_SPECIFIC_TREUTLER_GRIDS``), which changes
+    the grids (and, through pruning, the point counts) of every ``level``.  DeepMind's reference
+    energies were made with the original grids; this keeps them on every PySCF version.
+    """
+    flag = getattr(radi, 'ATOM_SPECIFIC_TREUTLER_GRIDS', None)
+    if flag is None:
+        return radi.treutler_ahlrichs(n, *args, **kwargs)
+    radi.ATOM_SPECIFIC_TREUTLER_GRIDS = False
+    try:
+        return radi.treutler_ahlrichs(n, *args, **kwargs)
+    finally:
+        radi.ATOM_SPECIFIC_TREUTLER_GRIDS = flag
+
+
+def b3lyp_guess(mf) -> np.ndarray:
+    """Converged B3LYP (VWN5 flavour, as DeepMind's code used) density matrix on ``mf``'s grid settings."""
+    mol = mf.mol
+    if isinstance(mf, pyscf_roks.ROKS):
+        guess = dft.ROKS(mol)
+    elif isinstance(mf, pyscf_uks.UKS):
+        guess = dft.UKS(mol)
+    else:
+        guess = dft.RKS(mol)
+    guess.xc = 'b3lyp5'
+    guess.grids.level = mf.grids.level
+    guess.grids.atom_grid = mf.grids.atom_grid
+    guess.grids.prune = mf.grids.prune
+    guess.grids.radi_method = mf.grids.radi_method
+    guess.small_rho_cutoff = mf.small_rho_cutoff
+    guess.max_memory = mf.max_memory
+    guess.verbose = min(mf.verbose, logger.NOTE) - 1 if mf.verbose > 0 else 0
+    guess.kernel()
+    logger.info(mf, 'B3LYP initial guess: E = %.10f (converged=%s)', guess.e_tot, guess.converged)
+    return guess.make_rdm1()
+
+
+class _DM21Mixin:
+    """What the DM21 SCF classes add to PySCF's KS classes."""
+
+    _keys: ClassVar[set[str]] = {'functional', 'network', 'checkpoint_metadata'}
+
+    def _setup_dm21(self, functional: FunctionalSpec, network_dtype) -> None:
+        check_supported_molecule(self.mol)
+        if isinstance(functional, DM21Network):
+            network, metadata = functional, {'name': 'in-memory network'}
+        else:
+            network, metadata = load_network(functional)
+        self.functional = metadata.get('name', str(functional))
+        self.checkpoint_metadata = metadata
+        self.network = network
+        self._numint = DM21NumInt(network, network_dtype=network_dtype)
+        self.xc = self.functional  # for display only: get_veff below never hands xc to libxc
+        self.init_guess = 'b3lyp'
+        self.conv_tol = 1e-6
+        self.conv_tol_grad = 1e-3
+        self.small_rho_cutoff = 1e-20
+        self.grids.radi_method = treutler_ahlrichs_original
+
+    # PySCF asks libxc about ``xc`` in these; DM21 is neither non-local nor a libxc hybrid.
+    def do_nlc(self):
+        return False
+
+    def do_disp(self):
+        return False
+
+    def dump_flags(self, verbose=None):
+        from pyscf.scf import hf
+
+        hf.SCF.dump_flags(self, verbose)
+        log = logger.new_logger(self, verbose)
+        log.info('DM21 functional = %s (%s)', self.functional, self.checkpoint_metadata.get('source', '?'))
+        log.info('small_rho_cutoff = %g', self.small_rho_cutoff)
+        self.grids.dump_flags(verbose)
+        return self
+
+    def get_init_guess(self, mol=None, key='minao', **kwargs):
+        if isinstance(key, str) and key.lower() == 'b3lyp':
+            return b3lyp_guess(self)
+        return super().get_init_guess(mol, key, **kwargs)
+
+    def _grids_ready(self, mol, dm):
+        # PySCF's initialize_grids asks libxc about ``xc``; build the grid ourselves instead.
+        if self.grids.coords is None:
+            self.grids.build(with_non0tab=True)
+            if self.small_rho_cutoff > 1e-20:
+                dm_total = dm[0] + dm[1] if np.ndim(dm) == 3 else dm
+                self.grids = dft.rks.prune_small_rho_grids_(self, mol, dm_total, self.grids)
+
+    def nuc_grad_method(self):
+        raise NotImplementedError('analytic nuclear gradients are not implemented for DM21 functionals')
+
+    Gradients = nuc_grad_method
+
+    def stability(self, *args, **kwargs):
+        raise NotImplementedError('stability analysis needs second functional derivatives, not implemented for DM21')
+
+    def to_gpu(self):
+        raise NotImplementedError('use the PyTorch device of the network instead')
+
+
+class DM21RKS(_DM21Mixin, dft.rks.RKS):
+    """Restricted Kohn-Sham with a DM21 functional."""
+
+    def __init__(self, mol, functional: FunctionalSpec = 'DM21', network_dtype=None):
+        dft.rks.RKS.__init__(self, mol)
+        self._setup_dm21(functional, network_dtype or _default_dtype())
+
+    def get_veff(self, mol=None, dm=None, dm_last=0, vhf_last=0, hermi=1):
+        mol = mol or self.mol
+        if dm is None:
+            dm = self.make_rdm1()
+        self._grids_ready(mol, dm)
+        dm = np.asarray(dm)
+        max_memory = self.max_memory - lib.current_memory()[0]
+        n, exc, vxc = self._numint.nr_rks(mol, self.grids, self.xc, dm, max_memory=max_memory)
+        logger.debug(self, 'nelec by numeric integration = %s', n)
+        vj = self.get_j(mol, dm, hermi)
+        ecoul = np.einsum('ij,ji', dm, vj).real * 0.5
+        return lib.tag_array(vxc + vj, ecoul=ecoul, exc=exc, vj=vj, vk=None)
+
+
+class _UnrestrictedVeff:
+    def get_veff(self, mol=None, dm=None, dm_last=0, vhf_last=0, hermi=1):
+        mol = mol or self.mol
+        if dm is None:
+            dm = self.make_rdm1()
+        dm = np.asarray(dm)
+        if dm.ndim == 2:
+            dm = np.stack([dm * 0.5, dm * 0.5])
+        self._grids_ready(mol, dm)
+        max_memory = self.max_memory - lib.current_memory()[0]
+        n, exc, vxc = self._numint.nr_uks(mol, self.grids, self.xc, dm, max_memory=max_memory)
+        logger.debug(self, 'nelec by numeric integration = %s', n)
+        vj = self.get_j(mol, dm[0] + dm[1], hermi)
+        ecoul = np.einsum('ij,ji', dm[0] + dm[1], vj).real * 0.5
+        return lib.tag_array(vxc + vj, ecoul=ecoul, exc=exc, vj=vj, vk=None)
+
+
+class DM21UKS(_DM21Mixin, _UnrestrictedVeff, dft.uks.UKS):
+    """Unrestricted Kohn-Sham with a DM21 functional."""
+
+    def __init__(self, mol, functional: FunctionalSpec = 'DM21', network_dtype=None):
+        dft.uks.UKS.__init__(self, mol)
+        self._setup_dm21(functional, network_dtype or _default_dtype())
+
+
+class DM21ROKS(_DM21Mixin, _UnrestrictedVeff, pyscf_roks.ROKS):
+    """Restricted open-shell Kohn-Sham with a DM21 functional."""
+
+    def __init__(self, mol, functional: FunctionalSpec = 'DM21', network_dtype=None):
+        pyscf_roks.ROKS.__init__(self, mol)
+        self._setup_dm21(functional, network_dtype or _default_dtype())
+
+
+def _default_dtype():
+    import torch
+
+    return torch.float32
+
+
+def _check_mol(mol) -> None:
+    if not getattr(mol, '_built', True) or mol._atm is None or len(mol._atm) == 0:
+        raise ValueError('the molecule is not built: call mol.build() first')
+    check_supported_molecule(mol)
+
+
+def RKS(mol, functional: FunctionalSpec = 'DM21', **kwargs) -> DM21RKS:  # noqa: N802 (PySCF naming)
+    """Restricted KS with a DM21 functional: a name (DM21, DM21m, DM21mc, DM21mu), a checkpoint path or a network."""
+    _check_mol(mol)
+    if mol.spin != 0:
+        raise ValueError(f'RKS needs a closed-shell molecule, got spin (2S) = {mol.spin}: use UKS or ROKS')
+    return DM21RKS(mol, functional, **kwargs)
+
+
+def UKS(mol, functional: FunctionalSpec = 'DM21', **kwargs) -> DM21UKS:  # noqa: N802
+    """Unrestricted KS with a DM21 functional."""
+    _check_mol(mol)
+    return DM21UKS(mol, functional, **kwargs)
+
+
+def ROKS(mol, functional: FunctionalSpec = 'DM21', **kwargs) -> DM21ROKS:  # noqa: N802
+    """Restricted open-shell KS with a DM21 functional."""
+    _check_mol(mol)
+    return DM21ROKS(mol, functional, **kwargs)
+
+
+def KS(mol, functional: FunctionalSpec = 'DM21', **kwargs):  # noqa: N802
+    """RKS for a closed-shell molecule (``mol.spin == 0``), UKS otherwise — like ``pyscf.dft.KS``."""
+    return RKS(mol, functional, **kwargs) if mol.spin == 0 else UKS(mol, functional, **kwargs)

@@ -1,0 +1,149 @@
+"""The network, the checkpoint format and the conversion of DeepMind's weights."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from aiida_dm21.functional import checkpoint as ck
+from aiida_dm21.functional.model import FEATURE_NAMES, LDA_X_FACTOR, DM21Config, DM21Network
+
+pytestmark = pytest.mark.core
+
+
+def test_architecture_facts():
+    net = DM21Network()
+    # 11*256+256 + 6*(256*256+256 + 2*256) + 256*3+3
+    assert net.n_parameters == 11 * 256 + 256 + 6 * (256 * 256 + 256 + 512) + 256 * 3 + 3
+    assert len(FEATURE_NAMES) == 11
+    assert math.isclose(LDA_X_FACTOR, -0.9305257363491, rel_tol=1e-12)
+    f = net(torch.randn(50, 11).abs())
+    assert f.shape == (50, 3) and bool(((f > 0) & (f < 2)).all())
+
+
+def test_published_weights_load_and_match_tf_values(upstream_dir):
+    from aiida_dm21.functional.tf_checkpoint import read_tensor_bundle
+
+    tensors, meta = ck.import_deepmind(upstream_dir / 'DM21')
+    raw = read_tensor_bundle(upstream_dir / 'DM21' / 'variables' / 'variables')
+    w_tf = raw['hub_wrapper/local_functional_v2/MLP/ResidualBlock_3/linear/w']
+    np.testing.assert_array_equal(tensors['blocks.3.linear.weight'].numpy(), w_tf.T)
+    assert meta['source'] == 'deepmind:DM21'
+    assert (
+        meta['upstream_sha256']['variables/variables.index'] == ck.UPSTREAM_SHA256['DM21']['variables/variables.index']
+    )
+
+
+def test_each_published_folder_is_identified_by_its_hashes(upstream_dir):
+    for name in ck.PUBLISHED_FUNCTIONALS:
+        _, meta = ck.import_deepmind(upstream_dir / name)
+        assert meta['name'] == name
+
+
+def test_checkpoint_roundtrip_is_exact_and_content_hashed(tmp_path):
+    torch.manual_seed(0)
+    net = DM21Network()
+    meta = ck.save_checkpoint(tmp_path / 'a.safetensors', net, {'name': 'a', 'source': 'trained'})
+    ck.save_checkpoint(tmp_path / 'b.safetensors', net, {'name': 'b', 'source': 'trained'})
+    loaded, meta_a = ck.load_network(tmp_path / 'a.safetensors')
+    _, meta_b = ck.read_checkpoint(tmp_path / 'b.safetensors')
+    assert meta_a['weights_sha256'] == meta_b['weights_sha256'] == meta['weights_sha256']
+    x = torch.rand(7, 11)
+    torch.testing.assert_close(loaded(x), net(x), rtol=0, atol=0)
+    assert meta_a['architecture'] == DM21Config().to_dict()
+    assert meta_a['feature_names'] == list(FEATURE_NAMES)
+
+
+def test_checkpoint_is_not_pickle(tmp_path):
+    ck.save_checkpoint(tmp_path / 'a.safetensors', DM21Network(), {'source': 'trained'})
+    header_len = int.from_bytes((tmp_path / 'a.safetensors').read_bytes()[:8], 'little')
+    header = json.loads((tmp_path / 'a.safetensors').read_bytes()[8 : 8 + header_len])
+    assert 'aiida_dm21' in header['__metadata__']
+
+
+@pytest.mark.parametrize(
+    ('damage', 'message'),
+    [
+        ('truncate', 'truncated or corrupt'),
+        ('missing', 'does not exist'),
+        ('no_metadata', 'not an aiida-dm21 checkpoint'),
+        ('wrong_shape', 'do not fit the DM21 architecture'),
+        ('tampered', 'does not match the recorded'),
+        ('future_version', 'not supported'),
+    ],
+)
+def test_bad_checkpoints_are_refused_clearly(tmp_path, damage, message):
+    path = tmp_path / 'c.safetensors'
+    meta = ck.save_checkpoint(path, DM21Network(), {'source': 'trained'})
+    tensors, _ = ck.read_checkpoint(path)
+    if damage == 'truncate':
+        path.write_bytes(path.read_bytes()[:-1000])
+    elif damage == 'missing':
+        path.unlink()
+    elif damage == 'no_metadata':
+        save_file(tensors, str(path))
+    elif damage == 'wrong_shape':
+        tensors['output_layer.weight'] = torch.zeros(4, 256)
+        tensors['output_layer.bias'] = torch.zeros(4)
+        meta['weights_sha256'] = ck.weights_sha256(tensors)
+        save_file(tensors, str(path), metadata={'aiida_dm21': json.dumps(meta)})
+    elif damage == 'tampered':
+        tensors['output_layer.bias'] = tensors['output_layer.bias'] + 1
+        save_file(tensors, str(path), metadata={'aiida_dm21': json.dumps(meta)})
+    elif damage == 'future_version':
+        meta['format_version'] = 99
+        save_file(tensors, str(path), metadata={'aiida_dm21': json.dumps(meta)})
+    with pytest.raises(ck.CheckpointError, match=message):
+        ck.load_network(path)
+
+
+def test_upstream_folder_errors(upstream_dir, tmp_path):
+    copy = tmp_path / 'custom'
+    shutil.copytree(upstream_dir / 'DM21', copy)
+    data = copy / 'variables' / 'variables.data-00000-of-00001'
+    data.chmod(0o644)
+    blob = bytearray(data.read_bytes())
+    blob[100] ^= 0xFF
+    data.write_bytes(bytes(blob))
+    with pytest.raises(ck.CheckpointError, match='match none of the published'):
+        ck.import_deepmind(copy)
+    with pytest.raises(ck.CheckpointError, match='sha256 mismatch'):
+        ck.import_deepmind(copy, name='DM21')
+    with pytest.raises(ck.CheckpointError, match='CRC32C mismatch'):
+        ck.import_deepmind(copy, verify=False)
+    (copy / 'variables' / 'variables.index').unlink()
+    with pytest.raises(ck.CheckpointError, match=r'lacks variables/variables\.index'):
+        ck.import_deepmind(copy, verify=False)
+    with pytest.raises(ck.CheckpointError, match='not a directory'):
+        ck.import_deepmind(tmp_path / 'nowhere')
+
+
+def test_unknown_and_uninstalled_names(tmp_path, monkeypatch):
+    monkeypatch.setenv('AIIDA_DM21_WEIGHTS_DIR', str(tmp_path))
+    with pytest.raises(ck.CheckpointError, match="unknown functional 'DM99'"):
+        ck.load_network('DM99')
+    with pytest.raises(ck.CheckpointError, match='aiida-dm21 weights fetch DM21m'):
+        ck.load_network('DM21m')
+
+
+def test_fetch_from_file_mirror_checks_hashes(upstream_dir, tmp_path):
+    results = ck.fetch_deepmind(['DM21mc'], source=upstream_dir.as_uri(), dest_dir=tmp_path / 'w')
+    ((path, meta),) = results
+    assert path.name == 'DM21mc.safetensors' and meta['source'] == 'deepmind:DM21mc'
+    mirror = tmp_path / 'mirror'
+    shutil.copytree(upstream_dir / 'DM21', mirror / 'DM21')
+    (mirror / 'DM21' / 'saved_model.pb').chmod(0o644)
+    (mirror / 'DM21' / 'saved_model.pb').write_bytes(b'not the published graph')
+    with pytest.raises(ck.CheckpointError, match='sha256 mismatch'):
+        ck.fetch_deepmind(['DM21'], source=str(mirror), dest_dir=tmp_path / 'w2')
+    assert not (tmp_path / 'w2' / 'DM21.safetensors').exists()
+    with pytest.raises(ck.CheckpointError, match='could not fetch'):
+        ck.fetch_deepmind(['DM21'], source=str(tmp_path / 'empty'), dest_dir=tmp_path / 'w3')
+    with pytest.raises(ck.CheckpointError, match='unknown functional'):
+        ck.fetch_deepmind(['B3LYP'], source=str(mirror), dest_dir=tmp_path / 'w3')
