@@ -147,3 +147,17 @@ def test_fetch_from_file_mirror_checks_hashes(upstream_dir, tmp_path):
         ck.fetch_deepmind(['DM21'], source=str(tmp_path / 'empty'), dest_dir=tmp_path / 'w3')
     with pytest.raises(ck.CheckpointError, match='unknown functional'):
         ck.fetch_deepmind(['B3LYP'], source=str(mirror), dest_dir=tmp_path / 'w3')
+
+
+def test_hand_written_input_gradient_equals_autograd(upstream_dir):
+    net, _ = ck.load_network(upstream_dir / 'DM21')
+    net.requires_grad_(False)
+    torch.manual_seed(0)
+    x = (torch.rand(3000, 11) * 2 - 0.3) ** 3  # includes negative and tiny values
+    g = torch.rand(3000, 3)
+    leaf = x.clone().requires_grad_(True)
+    f = net(leaf)
+    (grad,) = torch.autograd.grad(f, leaf, grad_outputs=g)
+    f2, grad2 = net.forward_with_input_grad(x, g, chunk=1000)
+    torch.testing.assert_close(f2, f.detach(), rtol=0, atol=2e-7)  # matmul blocking: 1 ulp
+    torch.testing.assert_close(grad2, grad, rtol=1e-5, atol=1e-6 * float(grad.abs().max()))

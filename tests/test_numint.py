@@ -97,8 +97,12 @@ def test_stock_pyscf_ks_with_dm21_numint(dm21_network):
         stock._numint.eval_xc_eff('', np.zeros((6, 4)))
 
 
+def _li_atom():
+    return gto.M(atom='Li 0 0 0', basis='6-31g', spin=1, verbose=0)
+
+
 def test_roks_runs_and_lies_above_uks(dm21_network):
-    mol = gto.M(atom='Li 0 0 0', basis='6-31g', spin=1, verbose=0)
+    mol = _li_atom()
     uks = UKS(mol, dm21_network)
     roks = ROKS(mol, dm21_network)
     e_u, e_r = uks.kernel(), roks.kernel()
@@ -155,3 +159,19 @@ def test_integral_cache_follows_the_grid(dm21_network):
     assert len(mf._numint._blocks[0].weights) <= len(mf.grids.weights)
     assert sum(len(b.weights) for b in mf._numint._blocks) == len(mf.grids.weights)
     assert abs(mf.e_tot - e1) < 1e-3
+
+
+@pytest.mark.parametrize('spin', [0, 1])
+def test_newton_solver_reaches_the_same_energy(dm21_network, spin):
+    """mf.newton() works (Coulomb-only response as approximate Hessian) and lands on the DIIS solution."""
+    mol = gto.M(atom='Li 0 0 0; H 0 0 1.6', basis='sto-3g', verbose=0) if spin == 0 else _li_atom()
+    plain = KS(mol, dm21_network)
+    plain.init_guess = 'minao'
+    plain.conv_tol = 1e-8
+    e_plain = plain.kernel()
+    second = KS(mol, dm21_network).newton()
+    second.init_guess = 'minao'
+    second.conv_tol = 1e-8
+    e_second = second.kernel()
+    assert plain.converged and second.converged
+    assert abs(e_plain - e_second) < 1e-6

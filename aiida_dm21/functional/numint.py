@@ -163,11 +163,12 @@ class DM21NumInt(pyscf_numint.NumInt):
             rho, feats, xc_parts = _features(block.ao, nu, dm_leaf)
             t1 = time.perf_counter()
             energy_weights = block.weights[:, None] * xc_parts.detach()  # dE/df, (g, 3)
-            x = feats.detach().to(self.network_dtype).requires_grad_(with_vxc)
-            with torch.set_grad_enabled(with_vxc):
-                f = self.network(x)
-                if with_vxc:
-                    (g_feats,) = torch.autograd.grad(f, x, grad_outputs=energy_weights.to(f.dtype))
+            x = feats.detach().to(self.network_dtype)
+            if with_vxc:
+                f, g_feats = self.network.forward_with_input_grad(x, energy_weights.to(x.dtype))
+            else:
+                with torch.no_grad():
+                    f = self.network(x)
             t2 = time.perf_counter()
             f64 = f.detach().to(torch.float64)
             e_block = (energy_weights * f64).sum()

@@ -131,6 +131,26 @@ class _DM21Mixin:
                 dm_total = dm[0] + dm[1] if np.ndim(dm) == 3 else dm
                 self.grids = dft.rks.prune_small_rho_grids_(self, mol, dm_total, self.grids)
 
+    def gen_response(self, mo_coeff=None, mo_occ=None, singlet=None, hermi=0, max_memory=None, with_nlc=True):
+        """Coulomb-only orbital response, for ``mf.newton()``.
+
+        The exact response needs the second derivative of E_xc, which DM21 does not provide (PySCF would
+        hand ``xc`` to libxc).  Newton iterations with this approximate Hessian still converge to the
+        exact stationary point, because the orbital gradient is exact; they only lose some of the
+        quadratic convergence.
+        """
+        mol = self.mol
+        unrestricted = not isinstance(self, dft.rks.RKS) or isinstance(self, pyscf_roks.ROKS)
+
+        def vind(dm1):
+            dm1 = np.asarray(dm1)
+            if unrestricted:
+                vj = self.get_j(mol, dm1[0] + dm1[1], hermi=hermi)
+                return np.stack([vj, vj])
+            return self.get_j(mol, dm1, hermi=hermi)
+
+        return vind
+
     def nuc_grad_method(self):
         raise NotImplementedError('analytic nuclear gradients are not implemented for DM21 functionals')
 
