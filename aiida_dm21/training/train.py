@@ -1,0 +1,234 @@
+"""The training loop (no AiiDA): Adam on (E_xc − target)² + λ ΔE², deterministic with a seed, resumable.
+
+    python -m aiida_dm21.training.train config.json      # what the dm21.train CalcJob runs
+
+``config.json`` names the dataset files, the initial checkpoint (optional) and the hyper-parameters;
+the run writes ``checkpoint.safetensors``, ``history.npz`` and ``metrics.json`` and, every
+``save_every`` epochs, a resumable ``state/`` (weights, Adam moments, epoch, RNG state, history).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..functional.checkpoint import load_network, save_checkpoint
+from ..functional.model import DM21Config, DM21Network
+from ..reference.dataset import load_dataset
+from ..reference.fractional import TrainingSystem
+from .loss import PreparedSystem, prepare_system, self_consistency_delta, system_energy
+
+__all__ = ['TrainConfig', 'TrainResult', 'evaluate', 'main', 'train']
+
+HA_TO_MHA = 1000.0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 20
+    learning_rate: float = 1e-4
+    regulariser_weight: float = 1.0  # λ
+    eta: float = 1e-2  # Ha, regularisation of near-degenerate orbital pairs in ΔE
+    grid_level: int = 1
+    seed: int = 0
+    save_every: int = 5  # epochs between resumable states
+    device: str = 'cpu'
+    name: str = 'trained'
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f'unknown training hyper-parameters: {sorted(unknown)}; known: {sorted(known)}')
+        config = cls(**data)
+        if config.epochs < 0 or config.learning_rate <= 0 or config.regulariser_weight < 0 or config.eta <= 0:
+            raise ValueError('epochs >= 0, learning_rate > 0, regulariser_weight >= 0 and eta > 0 are required')
+        if config.device.startswith('cuda') and not torch.cuda.is_available():
+            raise ValueError(f'device {config.device!r} requested but CUDA is not available')
+        return config
+
+
+@dataclasses.dataclass
+class TrainResult:
+    network: DM21Network
+    history: dict[str, np.ndarray]
+    metrics: dict
+
+
+def evaluate(network: DM21Network, prepared: Sequence[PreparedSystem], with_regulariser: bool = True) -> dict:
+    """Errors of E_xc (mHa) per system kind, and the mean |ΔE| (mHa)."""
+    errors: dict[str, list[float]] = {}
+    deltas = []
+    for ps in prepared:
+        energy, v = system_energy(network, ps, with_potential=with_regulariser)
+        errors.setdefault(ps.system.kind, []).append((float(energy.detach()) - ps.target) * HA_TO_MHA)
+        if with_regulariser:
+            deltas.append(abs(float(self_consistency_delta(ps, v.detach()))) * HA_TO_MHA)
+    out = {f'mae_{kind}_mha': float(np.mean(np.abs(v))) for kind, v in errors.items()}
+    out['mae_all_mha'] = float(np.mean(np.abs(np.concatenate([np.asarray(v) for v in errors.values()]))))
+    out['max_abs_error_mha'] = float(np.max(np.abs(np.concatenate([np.asarray(v) for v in errors.values()]))))
+    if deltas:
+        out['mean_abs_delta_e_mha'] = float(np.mean(deltas))
+    return out
+
+
+def _state_paths(state_dir: Path) -> tuple[Path, Path]:
+    return state_dir / 'state.safetensors', state_dir / 'state.json'
+
+
+def _save_state(state_dir: Path, network, optimizer, epoch: int, rng, history: dict) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {f'net.{k}': v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    opt = optimizer.state_dict()
+    steps = {}
+    for pid, state in opt['state'].items():
+        for key, value in state.items():
+            if key == 'step':
+                steps[str(pid)] = float(value)
+            else:
+                tensors[f'opt.{pid}.{key}'] = value.detach().cpu().contiguous()
+    tensors_path, json_path = _state_paths(state_dir)
+    tmp = tensors_path.with_suffix('.tmp')
+    save_file(tensors, str(tmp))
+    tmp.replace(tensors_path)
+    payload = {'epoch': epoch, 'steps': steps, 'rng': rng.bit_generator.state, 'history': history}
+    tmp_json = json_path.with_suffix('.tmp')
+    tmp_json.write_text(json.dumps(payload))
+    tmp_json.replace(json_path)
+
+
+def _load_state(state_dir: Path, network, optimizer, rng) -> tuple[int, dict] | None:
+    tensors_path, json_path = _state_paths(state_dir)
+    if not (tensors_path.is_file() and json_path.is_file()):
+        return None
+    tensors = load_file(str(tensors_path))
+    payload = json.loads(json_path.read_text())
+    network.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith('net.')})
+    opt = optimizer.state_dict()
+    for pid in list(payload['steps']):
+        state = {'step': torch.tensor(payload['steps'][pid])}
+        for key in ('exp_avg', 'exp_avg_sq'):
+            state[key] = tensors[f'opt.{pid}.{key}']
+        opt['state'][int(pid)] = state
+    optimizer.load_state_dict(opt)
+    rng.bit_generator.state = payload['rng']
+    return payload['epoch'], payload['history']
+
+
+def train(
+    systems: Sequence[TrainingSystem],
+    config: TrainConfig,
+    initial: DM21Network | None = None,
+    heldout: Sequence[TrainingSystem] = (),
+    state_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train (or fine-tune ``initial``) on ``systems``; metrics before/after on ``systems`` and ``heldout``."""
+    if not systems:
+        raise ValueError('no training systems')
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    device = torch.device(config.device)
+    network = DM21Network(initial.config if initial is not None else DM21Config())
+    if initial is not None:
+        network.load_state_dict(initial.state_dict())
+    network = network.to(device=device, dtype=torch.float32).train()
+    network.requires_grad_(True)
+    say = progress or (lambda message: None)
+    start = time.perf_counter()
+    say(f'preparing {len(systems)} training and {len(heldout)} held-out systems (grid level {config.grid_level})')
+    prepared = [prepare_system(s, config.grid_level, network.config.omegas, device) for s in systems]
+    prepared_heldout = [prepare_system(s, config.grid_level, network.config.omegas, device) for s in heldout]
+    n_points = sum(ps.n_points for ps in prepared)
+    say(f'{n_points} grid points in the training set, prepared in {time.perf_counter() - start:.1f} s')
+    metrics = {'before': {'train': evaluate(network, prepared)}}
+    if prepared_heldout:
+        metrics['before']['heldout'] = evaluate(network, prepared_heldout)
+    optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
+    history: dict[str, list] = {'epoch': [], 'loss': [], 'energy_loss': [], 'regulariser': [], 'wall_s': []}
+    first_epoch = 0
+    state_dir = Path(state_dir) if state_dir else None
+    if state_dir is not None:
+        loaded = _load_state(state_dir, network, optimizer, rng)
+        if loaded is not None:
+            first_epoch, history = loaded
+            say(f'resumed from {state_dir} at epoch {first_epoch}')
+    for epoch in range(first_epoch, config.epochs):
+        t_epoch = time.perf_counter()
+        order = rng.permutation(len(prepared))
+        sums = {'loss': 0.0, 'energy_loss': 0.0, 'regulariser': 0.0}
+        for index in order:
+            ps = prepared[index]
+            optimizer.zero_grad(set_to_none=True)
+            want_reg = config.regulariser_weight > 0
+            energy, v_xc = system_energy(network, ps, with_potential=want_reg)
+            energy_loss = (energy - ps.target) ** 2
+            regulariser = self_consistency_delta(ps, v_xc, config.eta) ** 2 if want_reg else energy.new_zeros(())
+            loss = energy_loss + config.regulariser_weight * regulariser
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f'non-finite loss on {ps.system.label} at epoch {epoch}')
+            loss.backward()
+            optimizer.step()
+            sums['loss'] += float(loss)
+            sums['energy_loss'] += float(energy_loss)
+            sums['regulariser'] += float(regulariser)
+        history['epoch'].append(epoch + 1)
+        for key, value in sums.items():
+            history[key].append(value / len(prepared))
+        history['wall_s'].append(time.perf_counter() - t_epoch)
+        say(
+            f'epoch {epoch + 1}/{config.epochs}: loss {history["loss"][-1]:.3e} '
+            f'(RMS E_xc error {math.sqrt(history["energy_loss"][-1]) * HA_TO_MHA:.2f} mHa, '
+            f'regulariser {history["regulariser"][-1]:.2e}) {history["wall_s"][-1]:.1f} s'
+        )
+        if state_dir is not None and ((epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs):
+            _save_state(state_dir, network, optimizer, epoch + 1, rng, history)
+    network.eval()
+    metrics['after'] = {'train': evaluate(network, prepared)}
+    if prepared_heldout:
+        metrics['after']['heldout'] = evaluate(network, prepared_heldout)
+    metrics['n_train_systems'] = len(prepared)
+    metrics['n_heldout_systems'] = len(prepared_heldout)
+    metrics['n_grid_points'] = n_points
+    metrics['wall_s'] = time.perf_counter() - start
+    arrays = {k: np.asarray(v, dtype=float) for k, v in history.items()}
+    return TrainResult(network=network.cpu(), history=arrays, metrics=metrics)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Compute-node entry point: ``python -m aiida_dm21.training.train config.json`` in the working folder."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = Path(argv[0] if argv else 'config.json')
+    spec = json.loads(config_path.read_text())
+    workdir = config_path.parent
+    config = TrainConfig.from_dict(spec.get('hyperparameters', {}))
+    systems, heldout = [], []
+    for name in spec['datasets']:
+        systems.extend(load_dataset(workdir / name)[0])
+    for name in spec.get('heldout', []):
+        heldout.extend(load_dataset(workdir / name)[0])
+    initial = load_network(workdir / spec['initial_checkpoint'])[0] if spec.get('initial_checkpoint') else None
+
+    def say(message: str) -> None:
+        print(message, flush=True)
+
+    result = train(systems, config, initial, heldout, state_dir=workdir / 'state', progress=say)
+    meta = {'name': config.name, 'source': 'trained', 'training': {'hyperparameters': dataclasses.asdict(config)}}
+    save_checkpoint(workdir / 'checkpoint.safetensors', result.network, meta)
+    np.savez(workdir / 'history.npz', **result.history)
+    (workdir / 'metrics.json').write_text(json.dumps(result.metrics, indent=2))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

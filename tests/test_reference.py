@@ -1,0 +1,127 @@
+"""Integer reference calculations and fractional ensembles: real PySCF, checked against independent numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+from pyscf import fci, gto, scf
+
+from aiida_dm21.reference.dataset import DatasetError, load_dataset, save_dataset
+from aiida_dm21.reference.fractional import (
+    fractional_charge_systems,
+    fractional_spin_systems,
+    integer_system,
+    natural_orbitals,
+)
+from aiida_dm21.reference.integer import IntegerSpec, ReferenceInputError, run_integer_system
+
+pytestmark = pytest.mark.core
+
+BASIS = '6-31g'
+
+
+def _calc(label, atom, charge, spin, method='fci', **kwargs):
+    return run_integer_system(
+        IntegerSpec(atom=atom, basis=BASIS, charge=charge, spin=spin, reference_method=method, label=label, **kwargs)
+    )
+
+
+@pytest.fixture(scope='module')
+def hydrogen():
+    return {k: _calc(k, 'H 0 0 0', c, s) for k, (c, s) in {'H+': (1, 0), 'H': (0, 1), 'H-': (-1, 0)}.items()}
+
+
+def test_integer_energies_and_terms(hydrogen):
+    h = hydrogen['H']
+    assert abs(h.e_ref - scf.UHF(gto.M(atom='H 0 0 0', basis=BASIS, spin=1, verbose=0)).kernel()) < 1e-9
+    # one electron: E_xc exactly cancels the Hartree self-interaction
+    assert abs(h.e_xc_target + h.e_hartree) < 1e-9
+    proton = hydrogen['H+']
+    assert proton.e_ref == 0.0 and proton.n_electrons == (0, 0) and not proton.dm.any()
+    anion = hydrogen['H-']
+    mol = gto.M(atom='H 0 0 0', basis=BASIS, charge=-1, verbose=0)
+    assert abs(anion.e_ref - fci.FCI(scf.UHF(mol).run()).kernel()[0]) < 1e-8
+    assert abs(anion.e_non_xc + anion.e_xc_target - anion.e_ref) < 1e-12
+
+
+def test_ccsd_t_and_user_energies():
+    li = _calc('Li', 'Li 0 0 0', 0, 1, method='ccsd(t)')
+    assert li.extra['e_triples'] < 0 and abs(li.e_ref - li.extra['e_ccsd'] - li.extra['e_triples']) < 1e-12
+    fci_li = _calc('Li', 'Li 0 0 0', 0, 1, method='fci')  # 3 electrons: CCSD(T) is nearly exact
+    assert abs(li.e_ref - fci_li.e_ref) < 1e-5
+    user = _calc('Li', 'Li 0 0 0', 0, 1, method='user', user_energy=-7.478)
+    assert user.e_ref == -7.478 and abs(user.e_xc_target - (-7.478 - user.e_non_xc)) < 1e-12
+
+
+def test_fractional_charge_ensembles_are_linear(hydrogen):
+    systems = fractional_charge_systems(hydrogen['H'], hydrogen['H-'], deltas=(0.25, 0.5))
+    h, anion = hydrogen['H'], hydrogen['H-']
+    for system in systems:
+        d = system.delta
+        assert abs(system.e_ref - ((1 - d) * h.e_ref + d * anion.e_ref)) < 1e-12
+        assert abs(system.n_electrons - (1 + d)) < 1e-8
+        np.testing.assert_allclose(system.dm, (1 - d) * h.dm + d * anion.dm)
+        # Hartree is quadratic in the ensemble density: not the interpolation of the end points
+        assert abs(system.e_non_xc - ((1 - d) * h.e_non_xc + d * anion.e_non_xc)) > 1e-4
+        assert system.sources == ('H', 'H-')
+    proton = fractional_charge_systems(hydrogen['H+'], hydrogen['H'], deltas=(0.5,))[0]
+    assert abs(proton.e_xc_target - (0.5 * h.e_xc_target + 0.25 * h.e_hartree)) < 1e-9  # J(δD) = δ² J(D)
+
+
+def test_fractional_spin_keeps_the_pure_state_energy(hydrogen):
+    half = fractional_spin_systems(hydrogen['H'], fractions=(0.5,))[0]
+    assert half.e_ref == hydrogen['H'].e_ref
+    np.testing.assert_allclose(half.dm[0], half.dm[1])
+    assert abs(half.n_electrons - 1) < 1e-8
+
+
+def test_natural_orbitals_reproduce_the_density(hydrogen):
+    system = fractional_charge_systems(hydrogen['H'], hydrogen['H-'], deltas=(0.5,))[0]
+    mol = gto.M(atom='H 0 0 0', basis=BASIS, spin=1, verbose=0)
+    s = mol.intor('int1e_ovlp')
+    for spin in range(2):
+        c, n = system.no_coeff[spin], system.no_occ[spin]
+        np.testing.assert_allclose(c.T @ s @ c, np.eye(len(n)), atol=1e-10)
+        np.testing.assert_allclose((c * n) @ c.T, system.dm[spin], atol=1e-10)
+    # for a converged integer system the natural orbitals are the canonical orbitals of its Fock matrix
+    # (PySCF's own mo_energy can come from a DIIS-extrapolated Fock matrix: compare with F itself)
+    fock = hydrogen['H'].fock[0]
+    c, n, eps = natural_orbitals(s, hydrogen['H'].dm[0], fock)
+    np.testing.assert_allclose(np.sort(eps), scipy.linalg.eigh(fock, s)[0], atol=1e-7)
+
+
+def test_dataset_roundtrip_and_corruption(hydrogen, tmp_path):
+    systems = [*fractional_charge_systems(hydrogen['H+'], hydrogen['H']), integer_system(hydrogen['H'])]
+    meta = save_dataset(tmp_path / 'd.npz', systems, {'reference_method': 'fci'})
+    assert meta['n_systems'] == 4 and meta['kinds'] == {'fc': 3, 'integer': 1} and meta['elements'] == ['H']
+    loaded, meta2 = load_dataset(tmp_path / 'd.npz')
+    assert meta2['checksum'] == meta['checksum']
+    np.testing.assert_array_equal(loaded[1].dm, systems[1].dm)
+    blob = bytearray((tmp_path / 'd.npz').read_bytes())
+    (tmp_path / 'cut.npz').write_bytes(bytes(blob[: len(blob) // 2]))
+    with pytest.raises(DatasetError, match='not a readable dataset'):
+        load_dataset(tmp_path / 'cut.npz')
+    with pytest.raises(DatasetError, match='does not exist'):
+        load_dataset(tmp_path / 'none.npz')
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ReferenceInputError, match='cannot build'):
+        _calc('X', 'Xx 0 0 0', 0, 0)
+    with pytest.raises(ReferenceInputError, match='cannot build'):
+        _calc('H', 'H 0 0 0', 0, 0)  # one electron cannot be a singlet
+    with pytest.raises(ReferenceInputError, match='FCI is limited'):
+        _calc('Ne', 'Ne 0 0 0', 0, 0, method='fci')
+    with pytest.raises(ReferenceInputError, match='unknown reference method'):
+        _calc('H', 'H 0 0 0', 0, 1, method='mp7')
+    with pytest.raises(ReferenceInputError, match='user_energy'):
+        _calc('H', 'H 0 0 0', 0, 1, method='user')
+    h = _calc('H', 'H 0 0 0', 0, 1)
+    he = _calc('He', 'He 0 0 0', 0, 0)
+    with pytest.raises(ValueError, match='not the same nuclei'):
+        fractional_charge_systems(h, he)
+    with pytest.raises(ValueError, match='strictly between 0 and 1'):
+        fractional_charge_systems(_calc('H+', 'H 0 0 0', 1, 0), h, deltas=(1.0,))
+    with pytest.raises(ValueError, match='no spin polarisation'):
+        fractional_spin_systems(he)
