@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared'
 UPSTREAM = SHARED / 'dm21' / 'upstream'
-REFERENCE_ENERGIES = SHARED / 'dm21' / 'reference_energies.json'
 
 
 @pytest.fixture(scope='session')
@@ -36,9 +34,3 @@ def weights_env(installed_weights, monkeypatch) -> Path:
     """Point name lookup (``KS(mol, 'DM21')``) at the converted weights."""
     monkeypatch.setenv('AIIDA_DM21_WEIGHTS_DIR', str(installed_weights))
     return installed_weights
-
-
-def reference_records() -> list[dict]:
-    if not REFERENCE_ENERGIES.is_file():
-        return []
-    return json.loads(REFERENCE_ENERGIES.read_text())['records']

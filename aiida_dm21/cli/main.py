@@ -182,24 +182,6 @@ def run_scf(molecule: str, functional: str, basis: str, charge: int, spin: int |
         sys.exit(3)
 
 
-@main.command('demo')
-@click.option('--source', default=None, help='Where to fetch the DM21 weights from if they are not installed.')
-def demo(source: str | None) -> None:
-    """Install the DM21 weights if needed and run DM21 on water (cc-pVDZ), printing the energy."""
-    from ..functional.checkpoint import CheckpointError, fetch_deepmind, weights_dir
-
-    if not (weights_dir() / 'DM21.safetensors').is_file():
-        console.log('DM21 weights not installed: fetching them')
-        try:
-            fetch_deepmind(['DM21'], source or _developer_mirror(), progress=lambda m: console.log(m))
-        except CheckpointError as exc:
-            raise click.ClickException(
-                f'{exc}\nuse --source or $AIIDA_DM21_WEIGHTS_SOURCE to point at a mirror'
-            ) from exc
-    ctx = click.get_current_context()
-    ctx.invoke(run_scf, molecule='water', functional='DM21', basis='cc-pvdz')
-
-
 def _developer_mirror() -> str | None:
     """$AIIDA_DM21_WEIGHTS_SOURCE, else the read-only mirror beside a development checkout
     (``../shared/dm21/upstream``) if present, else None (DeepMind's repository)."""
@@ -214,3 +196,15 @@ def _developer_mirror() -> str | None:
         if candidate.is_dir():
             return str(candidate)
     return None
+
+
+from .fractional import fractional_curve as _fractional_curve  # noqa: E402
+
+main.add_command(_fractional_curve)
+
+
+from .aiida_cmds import checkpoint, demo, setup  # noqa: E402 (commands that need aiida-core, imported lazily inside)
+
+main.add_command(demo)
+main.add_command(setup)
+main.add_command(checkpoint)

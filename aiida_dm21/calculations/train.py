@@ -1,0 +1,132 @@
+"""``dm21.train``: train (or fine-tune) a DM21-architecture functional on datasets, on the compute node.
+
+Runs ``python -m aiida_dm21.training.train config.json`` (no AiiDA there).  Every dataset is a linked
+input (namespace ``datasets``; ``heldout`` for evaluation only), so the trained checkpoint's lineage
+reaches the integer reference calculations.  The run saves a resumable ``state/`` every
+``save_every`` epochs; a restart passes the previous ``remote_folder`` as ``parent_folder`` and the
+training continues from the last saved epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import typing as t
+
+from aiida import orm
+from aiida.common import datastructures
+from aiida.engine import CalcJob
+
+from aiida_dm21.data.checkpoint import DM21CheckpointData
+from aiida_dm21.data.dataset import DM21DatasetData
+from aiida_dm21.training.train import TrainConfig
+
+__all__ = ('DM21TrainCalculation',)
+
+CONFIG_FILE = 'config.json'
+CHECKPOINT_FILE = 'checkpoint.safetensors'
+INITIAL_FILE = 'initial.safetensors'
+STATE_FOLDER = 'state'
+
+
+def validate_parameters(value: orm.Dict, _: t.Any = None) -> str | None:
+    try:
+        TrainConfig.from_dict(value.get_dict())
+    except (TypeError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def validate_datasets(value: dict, _: t.Any = None) -> str | None:
+    if not value:
+        return 'at least one dataset is required in `datasets`'
+    return None
+
+
+class DM21TrainCalculation(CalcJob):
+    """Training of a DM21-architecture functional (PyTorch, CPU or CUDA) on fixed-density datasets."""
+
+    @classmethod
+    def define(cls, spec):  # type: ignore[override]
+        super().define(spec)
+        spec.input_namespace(
+            'datasets',
+            valid_type=DM21DatasetData,
+            dynamic=True,
+            validator=validate_datasets,
+            help='Training datasets; every one becomes a linked input.',
+        )
+        spec.input_namespace(
+            'heldout',
+            valid_type=DM21DatasetData,
+            dynamic=True,
+            required=False,
+            help='Datasets only evaluated (before and after training), never trained on.',
+        )
+        spec.input(
+            'parameters',
+            valid_type=orm.Dict,
+            validator=validate_parameters,
+            required=False,
+            help=f'Hyper-parameters: {", ".join(TrainConfig.__dataclass_fields__)}.',
+        )
+        spec.input('seed', valid_type=orm.Int, required=False, help='Random seed (overrides parameters.seed).')
+        spec.input(
+            'initial_checkpoint',
+            valid_type=DM21CheckpointData,
+            required=False,
+            help='Start from these weights (fine-tuning); random initialisation otherwise.',
+        )
+        spec.input(
+            'parent_folder',
+            valid_type=orm.RemoteData,
+            required=False,
+            help='Remote folder of an interrupted run: training resumes from its saved state.',
+        )
+        options = spec.inputs['metadata']['options']
+        options['resources'].default = {'num_machines': 1, 'num_mpiprocs_per_machine': 1}
+        options['parser_name'].default = 'dm21.train'
+        options['output_filename'].default = 'aiida.out'
+        spec.output('checkpoint', valid_type=DM21CheckpointData, help='The trained functional (source "trained").')
+        spec.output('loss_curves', valid_type=orm.ArrayData, help='epoch, loss, energy_loss, regulariser, wall_s.')
+        spec.output('metrics', valid_type=orm.Dict, help='Errors before/after training on train and held-out sets.')
+        spec.default_output_node = 'metrics'
+        spec.exit_code(300, 'ERROR_MISSING_OUTPUT', message='The training wrote no {detail}.')
+        spec.exit_code(301, 'ERROR_UNREADABLE_OUTPUT', message='An output file is unreadable: {detail}')
+        spec.exit_code(310, 'ERROR_OUT_OF_WALLTIME', message='The training ran out of walltime (state saved).')
+        spec.exit_code(410, 'ERROR_NON_FINITE_LOSS', message='The loss became NaN or infinite.')
+
+    def prepare_for_submission(self, folder) -> datastructures.CalcInfo:
+        params = dict(self.inputs.parameters.get_dict()) if 'parameters' in self.inputs else {}
+        if 'seed' in self.inputs:
+            params['seed'] = int(self.inputs.seed.value)
+        params.setdefault('device', 'cpu')
+        local_copy = []
+        names = []
+        for kind in ('datasets', 'heldout'):
+            entries = []
+            for label, node in sorted((self.inputs.get(kind) or {}).items()):
+                name = f'{kind}_{label}.npz'
+                local_copy.append((node.uuid, node.filename, name))
+                entries.append(name)
+            names.append(entries)
+        config = {'hyperparameters': params, 'datasets': names[0], 'heldout': names[1]}
+        if 'initial_checkpoint' in self.inputs:
+            node = self.inputs.initial_checkpoint
+            local_copy.append((node.uuid, node.filename, INITIAL_FILE))
+            config['initial_checkpoint'] = INITIAL_FILE
+        with folder.open(CONFIG_FILE, 'w') as handle:
+            json.dump(config, handle, indent=2)
+        remote_copy = []
+        if 'parent_folder' in self.inputs:
+            parent = self.inputs.parent_folder
+            remote_copy.append((parent.computer.uuid, f'{parent.get_remote_path()}/{STATE_FOLDER}', STATE_FOLDER))
+        codeinfo = datastructures.CodeInfo()
+        codeinfo.code_uuid = self.inputs.code.uuid
+        codeinfo.cmdline_params = ['-m', 'aiida_dm21.training.train', CONFIG_FILE]
+        codeinfo.stdout_name = self.metadata.options.output_filename
+        calcinfo = datastructures.CalcInfo()
+        calcinfo.codes_info = [codeinfo]
+        calcinfo.local_copy_list = local_copy
+        calcinfo.remote_copy_list = remote_copy
+        calcinfo.retrieve_list = [CHECKPOINT_FILE, 'history.npz', 'metrics.json', self.metadata.options.output_filename]
+        return calcinfo

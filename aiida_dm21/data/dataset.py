@@ -1,0 +1,62 @@
+"""``dm21.dataset``: a set of fixed-density training systems (one ``.npz`` in the node's repository).
+
+Attributes (queryable): ``n_systems``, ``kinds`` (counts of integer / fc / fs), ``elements``, ``basis``,
+``labels``, ``reference_method`` and ``checksum`` (sha256 of the content, also the caching key).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import tempfile
+import typing as t
+
+from aiida.orm import SinglefileData
+from aiida.orm.nodes.caching import NodeCaching
+
+from aiida_dm21.reference.dataset import DatasetError, load_dataset
+
+if t.TYPE_CHECKING:
+    from aiida_dm21.reference.fractional import TrainingSystem
+
+__all__ = ('DM21DatasetData',)
+
+ATTRIBUTES = ('n_systems', 'kinds', 'elements', 'basis', 'labels', 'checksum', 'reference_method')
+
+
+class _DatasetCaching(NodeCaching):
+    def _get_objects_to_hash(self) -> list[t.Any]:
+        return [self._node.__class__.__name__, self._node.base.attributes.get('checksum')]
+
+
+class DM21DatasetData(SinglefileData):
+    """Training systems (densities, targets, natural orbitals) built from integer reference calculations."""
+
+    _CLS_NODE_CACHING = _DatasetCaching
+    DEFAULT_FILENAME = 'dataset.npz'
+
+    def set_file(self, file, filename: str | None = None, **kwargs) -> None:  # type: ignore[override]
+        path = pathlib.Path(file) if not hasattr(file, 'read') else None
+        if path is None:
+            with tempfile.NamedTemporaryFile(suffix='.npz', delete=False) as handle:
+                handle.write(file.read())
+                path = pathlib.Path(handle.name)
+        try:
+            _, meta = load_dataset(path)
+        except DatasetError as exc:
+            raise ValueError(f'not a valid dm21 dataset: {exc}') from exc
+        super().set_file(str(path), filename=filename or self.DEFAULT_FILENAME, **kwargs)
+        for key in ATTRIBUTES:
+            self.base.attributes.set(key, meta.get(key))
+
+    def __getattr__(self, name: str) -> t.Any:
+        if name in ATTRIBUTES:
+            return self.base.attributes.get(name, None)
+        raise AttributeError(name)
+
+    def load_systems(self) -> list[TrainingSystem]:
+        """The training systems, read back and checked against the checksum."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = pathlib.Path(tmp) / 'dataset.npz'
+            with self.open(mode='rb') as source:
+                path.write_bytes(source.read())
+            return load_dataset(path)[0]

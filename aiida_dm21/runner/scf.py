@@ -1,0 +1,479 @@
+"""Compute-node runner of one DM21 SCF calculation: ``python -m aiida_dm21.runner.scf input.json``.
+
+Pure PySCF + PyTorch (it never imports AiiDA), so the compute node needs only the numerical core.
+It runs in the working folder written by the ``dm21.scf`` CalcJob and reads ``input.json``:
+
+=====================  =====================================================================
+key                    meaning
+=====================  =====================================================================
+``symbols``            element symbols, one per atom
+``positions``          Cartesian positions (Angstrom), one triple per atom
+``basis``              PySCF basis name (all-electron)
+``charge``             total charge
+``multiplicity``       2S + 1
+``scf_type``           ``auto`` (RKS if closed shell, else UKS), ``RKS``, ``UKS`` or ``ROKS``
+``grid_level``         PySCF grid level 0-9
+``conv_tol``           energy convergence (Ha)
+``conv_tol_grad``      orbital-gradient convergence
+``max_cycle``          maximum number of SCF cycles
+``init_guess``         ``b3lyp`` (converged B3LYP density) or a PySCF guess
+``level_shift``        level shift (Ha)
+``damp``               density damping factor
+``newton``             second-order (Newton) solver, Coulomb-only approximate Hessian
+``checkpoint``         checkpoint file name (``checkpoint.safetensors``)
+``restart_density``    optional ``.npy`` density matrix to start from
+``walltime_seconds``   optional: stop cleanly (saving the density) before this much time
+``max_memory_mb``      optional: PySCF ``max_memory``
+=====================  =====================================================================
+
+It writes ``results.json`` (always, also after errors) and ``density_matrix.npy`` (whenever an SCF
+cycle ran, converged or not), and logs PySCF's output to stdout.  ``results.json["error"]`` is
+``null`` or ``{"category", "message", "type"}`` with category one of :data:`ERROR_CATEGORIES`.
+
+Exit status: 0 converged, 3 not converged, 4 stopped for walltime, 2 unsupported input or unreadable
+checkpoint, 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ['DENSITY_FILE', 'ERROR_CATEGORIES', 'RESULTS_FILE', 'RunnerError', 'main', 'run']
+
+RESULTS_FILE = 'results.json'
+DENSITY_FILE = 'density_matrix.npy'
+RESULTS_FORMAT_VERSION = 1
+
+#: Error categories written to ``results.json["error"]["category"]``.
+ERROR_CATEGORIES: dict[str, str] = {
+    'unsupported_input': 'the input cannot be treated (bad input.json, basis, spin state, restart density...)',
+    'checkpoint_unreadable': 'the checkpoint file is missing, corrupt or not a DM21 checkpoint',
+    'walltime': 'the run stopped before the walltime ran out (signal or deadline); the last density is saved',
+    'scf_error': 'the SCF raised an exception',
+    'internal_error': 'an unexpected error in the runner',
+}
+
+EXIT_CONVERGED = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_NOT_CONVERGED = 3
+EXIT_WALLTIME = 4
+
+SCF_TYPES = ('auto', 'RKS', 'UKS', 'ROKS')
+INIT_GUESSES = ('b3lyp', 'minao', 'atom', 'huckel', '1e')
+AU2EV = 27.211386245988  # CODATA 2018, as PySCF's nist.HARTREE2EV
+
+
+class RunnerError(Exception):
+    """A failure with a category for ``results.json``."""
+
+    def __init__(self, category: str, message: str) -> None:
+        super().__init__(message)
+        self.category = category
+        self.message = message
+
+
+#: Termination signals raise :class:`WalltimeExceeded` only while this is true (not while results are written).
+_signals_interrupt = True
+
+
+class WalltimeExceeded(Exception):  # noqa: N818 (not an error of the calculation)
+    """Raised in the SCF loop when the deadline is near or a termination signal arrived."""
+
+
+# --- input ------------------------------------------------------------------------------------------------
+
+
+def read_input(path: Path) -> dict[str, Any]:
+    """``input.json``, checked for the keys and types the runner needs."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise RunnerError('unsupported_input', f'input file {path} does not exist') from exc
+    except (OSError, ValueError) as exc:
+        raise RunnerError('unsupported_input', f'input file {path} is not valid JSON: {exc}') from exc
+    if not isinstance(data, dict):
+        raise RunnerError('unsupported_input', f'input file {path} must hold a JSON object')
+    required = ('symbols', 'positions', 'basis')
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise RunnerError('unsupported_input', f'input file {path} lacks {", ".join(missing)}')
+    symbols, positions = data['symbols'], data['positions']
+    if not isinstance(symbols, list) or not symbols or not all(isinstance(s, str) for s in symbols):
+        raise RunnerError('unsupported_input', '`symbols` must be a non-empty list of element symbols')
+    try:
+        coords = np.asarray(positions, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise RunnerError('unsupported_input', f'`positions` is not a list of 3-vectors: {exc}') from exc
+    if coords.shape != (len(symbols), 3) or not np.all(np.isfinite(coords)):
+        raise RunnerError('unsupported_input', f'`positions` must be {len(symbols)} finite 3-vectors (Angstrom)')
+    data.setdefault('charge', 0)
+    data.setdefault('multiplicity', 1)
+    data.setdefault('scf_type', 'auto')
+    data.setdefault('checkpoint', 'checkpoint.safetensors')
+    if data['scf_type'] not in SCF_TYPES:
+        raise RunnerError('unsupported_input', f'scf_type {data["scf_type"]!r} is not one of {", ".join(SCF_TYPES)}')
+    guess = data.get('init_guess')
+    if guess is not None and guess not in INIT_GUESSES:
+        raise RunnerError('unsupported_input', f'init_guess {guess!r} is not one of {", ".join(INIT_GUESSES)}')
+    return data
+
+
+def build_molecule(data: dict[str, Any]):
+    from pyscf import gto
+
+    charge, multiplicity = data['charge'], data['multiplicity']
+    if not isinstance(charge, int) or not isinstance(multiplicity, int) or multiplicity < 1:
+        raise RunnerError('unsupported_input', 'charge must be an integer and multiplicity an integer >= 1')
+    atoms = [
+        (symbol, tuple(float(x) for x in position))
+        for symbol, position in zip(data['symbols'], data['positions'], strict=True)
+    ]
+    mol = gto.Mole()
+    mol.atom = atoms
+    mol.unit = 'Angstrom'
+    mol.basis = data['basis']
+    mol.charge = charge
+    mol.spin = multiplicity - 1
+    mol.verbose = int(data.get('verbose', 4))
+    mol.stdout = sys.stdout
+    if data.get('max_memory_mb'):
+        mol.max_memory = float(data['max_memory_mb'])
+    try:
+        mol.build(dump_input=False, parse_arg=False)
+    except (RuntimeError, KeyError, ValueError, TypeError, OSError, AttributeError) as exc:
+        raise RunnerError('unsupported_input', f'PySCF cannot build the molecule: {type(exc).__name__}: {exc}') from exc
+    return mol
+
+
+def make_scf(mol, data: dict[str, Any], checkpoint: Path):
+    from aiida_dm21.functional import scf
+    from aiida_dm21.functional.checkpoint import CheckpointError, load_network
+
+    if not checkpoint.is_file():
+        raise RunnerError('checkpoint_unreadable', f'checkpoint file {checkpoint} does not exist')
+    try:
+        network, metadata = load_network(checkpoint)
+    except CheckpointError as exc:
+        raise RunnerError('checkpoint_unreadable', str(exc)) from exc
+    scf_type = data['scf_type']
+    if scf_type == 'auto':
+        scf_type = 'RKS' if mol.spin == 0 else 'UKS'
+    try:
+        mf = getattr(scf, scf_type)(mol, network)
+    except ValueError as exc:  # includes UnsupportedSystemError (periodic, ECP, no electrons) and RKS + open shell
+        raise RunnerError('unsupported_input', str(exc)) from exc
+    mf.functional = metadata.get('name', mf.functional)
+    mf.checkpoint_metadata = metadata
+    mf.verbose = mol.verbose
+    mf.stdout = sys.stdout
+    if data.get('grid_level') is not None:
+        mf.grids.level = int(data['grid_level'])
+    for key in ('conv_tol', 'conv_tol_grad'):
+        if data.get(key) is not None:
+            setattr(mf, key, float(data[key]))
+    if data.get('max_cycle') is not None:
+        mf.max_cycle = int(data['max_cycle'])
+    if data.get('init_guess') is not None:
+        mf.init_guess = data['init_guess']
+    if data.get('level_shift'):
+        mf.level_shift = float(data['level_shift'])
+    if data.get('damp'):
+        mf.damp = float(data['damp'])
+    if data.get('max_memory_mb'):
+        mf.max_memory = float(data['max_memory_mb'])
+    if data.get('newton'):
+        mf = mf.newton()  # the core gives DM21 a Coulomb-only response: an approximate Hessian, exact gradient
+    return mf, scf_type
+
+
+def read_restart_density(path: Path, mol, scf_type: str) -> np.ndarray:
+    """The restart density matrix, in the shape the SCF type wants, or a ``RunnerError``."""
+    try:
+        dm = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise RunnerError('unsupported_input', f'restart density {path} is not a readable .npy array: {exc}') from exc
+    nao = mol.nao_nr()
+    if dm.ndim == 2 and dm.shape == (nao, nao):
+        spin_pair = np.stack([dm * 0.5, dm * 0.5])
+    elif dm.ndim == 3 and dm.shape == (2, nao, nao):
+        spin_pair = dm
+    else:
+        raise RunnerError(
+            'unsupported_input',
+            f'restart density has shape {dm.shape}; this molecule and basis need ({nao}, {nao}) or (2, {nao}, {nao})',
+        )
+    if not np.all(np.isfinite(spin_pair)):
+        raise RunnerError('unsupported_input', 'restart density contains NaN or infinite values')
+    return spin_pair[0] + spin_pair[1] if scf_type == 'RKS' else spin_pair
+
+
+# --- results ----------------------------------------------------------------------------------------------
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types, with NaN/inf turned into ``null`` (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return _finite(value)
+    return value
+
+
+def orbital_channels(mf, scf_type: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(energies, occupations in [0, 1]) per spin channel: one for RKS, two for UKS/ROKS."""
+    energy, occ = np.asarray(mf.mo_energy), np.asarray(mf.mo_occ)
+    if scf_type == 'RKS':
+        return [(energy, occ / 2.0)]
+    if scf_type == 'UKS':
+        return [(energy[0], occ[0]), (energy[1], occ[1])]
+    mo_ea = getattr(mf.mo_energy, 'mo_ea', energy)
+    mo_eb = getattr(mf.mo_energy, 'mo_eb', energy)
+    return [(np.asarray(mo_ea), (occ > 0).astype(float)), (np.asarray(mo_eb), (occ > 1).astype(float))]
+
+
+def frontier(channels: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    homos = [float(e[o > 0].max()) if np.any(o > 0) else None for e, o in channels]
+    lumos = [float(e[o == 0].min()) if np.any(o == 0) else None for e, o in channels]
+    homo = max((h for h in homos if h is not None), default=None)
+    lumo = min((x for x in lumos if x is not None), default=None)
+    return {
+        'homo': homo,
+        'lumo': lumo,
+        'homo_lumo_gap': lumo - homo if homo is not None and lumo is not None else None,
+        'homo_per_spin': homos,
+        'lumo_per_spin': lumos,
+    }
+
+
+def versions() -> dict[str, str]:
+    found = {'python': platform.python_version()}
+    for module in ('pyscf', 'torch', 'numpy', 'aiida_dm21'):
+        try:
+            found[module] = str(__import__(module).__version__)
+        except Exception:  # report what can be found
+            found[module] = 'unknown'
+    return found
+
+
+def scf_results(mf, scf_type: str) -> dict[str, Any]:
+    """Everything ``results.json`` reports about a finished (converged or not) SCF."""
+    channels = orbital_channels(mf, scf_type)
+    results: dict[str, Any] = {
+        'e_tot': _finite(mf.e_tot),
+        'e_tot_is_finite': _finite(mf.e_tot) is not None,
+        'converged': bool(mf.converged),
+        'cycles': int(getattr(mf, 'cycles', -1)),
+        'mo_energy': [e.tolist() for e, _ in channels],
+        'mo_occ': [o.tolist() for _, o in channels],
+        **frontier(channels),
+    }
+    try:
+        dipole = mf.dip_moment(unit='Debye', verbose=0)
+        results['dipole'] = [float(x) for x in dipole]
+    except Exception as exc:  # a property, never a reason to fail the run
+        results['dipole'] = None
+        results['dipole_error'] = f'{type(exc).__name__}: {exc}'
+    if scf_type == 'UKS':
+        s2, multiplicity = mf.spin_square()
+        results['s2'] = float(s2)
+        results['s2_multiplicity'] = float(multiplicity)
+    elif scf_type == 'ROKS':
+        s = mf.mol.spin / 2.0
+        results['s2'] = s * (s + 1.0)
+        results['s2_multiplicity'] = 2.0 * s + 1.0
+    else:
+        results['s2'] = 0.0
+        results['s2_multiplicity'] = 1.0
+    return results
+
+
+def write_results(workdir: Path, results: dict[str, Any]) -> None:
+    path = workdir / RESULTS_FILE
+    tmp = path.with_suffix('.json.tmp')
+    tmp.write_text(json.dumps(_jsonable(results), indent=2, allow_nan=False))
+    tmp.replace(path)
+
+
+def save_density(workdir: Path, dm: Any) -> str | None:
+    if dm is None:
+        return None
+    np.save(workdir / DENSITY_FILE, np.asarray(dm, dtype=float), allow_pickle=False)
+    return DENSITY_FILE
+
+
+# --- the run ----------------------------------------------------------------------------------------------
+
+
+class _Progress:
+    """SCF callback: remembers the last density and stops before the deadline."""
+
+    def __init__(self, deadline: float | None) -> None:
+        self.deadline = deadline
+        self.dm: np.ndarray | None = None
+        self.e_tot: float | None = None
+        self.cycle = 0
+        self.last = time.monotonic()
+        self.slowest = 0.0
+
+    def start(self) -> None:
+        """Call when the SCF starts: the first cycle's time then includes the initial guess, no more."""
+        self.last = time.monotonic()
+
+    def __call__(self, envs: dict[str, Any]) -> None:
+        now = time.monotonic()
+        self.slowest = max(self.slowest, now - self.last)
+        self.last = now
+        self.dm = np.asarray(envs.get('dm')) if envs.get('dm') is not None else self.dm
+        self.e_tot = _finite(envs.get('e_tot'))
+        index = envs.get('cycle', envs.get('imacro'))  # 0-based: 'cycle' in DIIS, 'imacro' in the Newton solver
+        self.cycle = int(index) + 1 if isinstance(index, int) else self.cycle + 1
+        if self.deadline is not None and now + self.slowest > self.deadline:
+            raise WalltimeExceeded(f'stopped after cycle {self.cycle}: the next cycle would pass the walltime')
+
+
+def deadline_from(data: dict[str, Any], start: float) -> float | None:
+    walltime = _finite(data.get('walltime_seconds'))
+    if walltime is None or walltime <= 0:
+        return None
+    margin = min(60.0, 0.1 * walltime)
+    return start + walltime - margin
+
+
+def run(input_file: str | Path = 'input.json', workdir: str | Path | None = None) -> int:
+    """Run the calculation described by ``input_file``; write results in ``workdir``; return the exit status."""
+    start_wall, start = time.time(), time.monotonic()
+    input_path = Path(input_file)
+    workdir = Path(workdir) if workdir is not None else input_path.resolve().parent
+    results: dict[str, Any] = {
+        'format_version': RESULTS_FORMAT_VERSION,
+        'e_tot': None,
+        'converged': False,
+        'cycles': 0,
+        'error': None,
+        'density_file': None,
+        'versions': versions(),
+        'started': start_wall,
+    }
+    timings: dict[str, Any] = {}
+    status = EXIT_FAILED
+    progress: _Progress | None = None
+    mf = None
+    try:
+        data = read_input(input_path)
+        results['input'] = {k: v for k, v in data.items() if k not in ('symbols', 'positions')}
+        progress = _Progress(deadline_from(data, start))
+        mol = build_molecule(data)
+        results['nao'] = int(mol.nao_nr())
+        results['nelec'] = [int(n) for n in mol.nelec]
+        mf, scf_type = make_scf(mol, data, workdir / data['checkpoint'])
+        results['scf_type'] = scf_type
+        meta = mf.checkpoint_metadata
+        results['functional'] = {k: meta.get(k) for k in ('name', 'source', 'weights_sha256')}
+        dm0 = None
+        if data.get('restart_density'):
+            dm0 = read_restart_density(workdir / data['restart_density'], mol, scf_type)
+            results['restarted'] = True
+        mf.callback = progress
+        timings['setup'] = time.monotonic() - start
+        t_scf = time.monotonic()
+        progress.start()
+        try:
+            mf.kernel(dm0=dm0)
+        except WalltimeExceeded:
+            raise
+        except (ValueError, np.linalg.LinAlgError, RuntimeError, MemoryError, ArithmeticError) as exc:
+            raise RunnerError('scf_error', f'{type(exc).__name__}: {exc}') from exc
+        finally:
+            timings['scf'] = time.monotonic() - t_scf
+        results.update(scf_results(mf, scf_type))
+        if results['cycles'] <= 0:  # the Newton solver does not count mf.cycles
+            results['cycles'] = progress.cycle
+        results['e_tot_ev'] = results['e_tot'] * AU2EV if results['e_tot'] is not None else None
+        results['density_file'] = save_density(workdir, mf.make_rdm1())
+        status = EXIT_CONVERGED if results['converged'] else EXIT_NOT_CONVERGED
+    except WalltimeExceeded as exc:
+        results['error'] = {'category': 'walltime', 'message': str(exc), 'type': 'WalltimeExceeded'}
+        if progress is not None:
+            results['e_tot'] = progress.e_tot
+            results['cycles'] = progress.cycle
+            results['density_file'] = save_density(workdir, progress.dm)
+        status = EXIT_WALLTIME
+    except RunnerError as exc:
+        results['error'] = {'category': exc.category, 'message': exc.message, 'type': 'RunnerError'}
+        status = EXIT_BAD_INPUT if exc.category in ('unsupported_input', 'checkpoint_unreadable') else EXIT_FAILED
+        if exc.category == 'scf_error' and progress is not None and progress.dm is not None:
+            results['density_file'] = save_density(workdir, progress.dm)
+            results['cycles'] = progress.cycle
+    except Exception as exc:  # every failure ends in results.json
+        results['error'] = {
+            'category': 'internal_error',
+            'message': f'{type(exc).__name__}: {exc}',
+            'type': type(exc).__name__,
+            'traceback': traceback.format_exc(limit=20),
+        }
+        status = EXIT_FAILED
+    global _signals_interrupt
+    _signals_interrupt = False  # a late SIGTERM must not cut the writing of results.json
+    timings['total'] = time.monotonic() - start
+    if mf is not None and hasattr(mf, '_numint') and hasattr(mf._numint, 'timings'):
+        timings['xc'] = mf._numint.timings.as_dict()
+    results['timings'] = timings
+    results['exit_status'] = status
+    write_results(workdir, results)
+    if results['error'] is not None:
+        print(f'aiida-dm21 runner: {results["error"]["category"]}: {results["error"]["message"]}', file=sys.stderr)
+    else:
+        print(f'aiida-dm21 runner: e_tot = {results["e_tot"]} Ha, converged = {results["converged"]}')
+    return status
+
+
+def _raise_walltime(signum: int, frame: Any) -> None:
+    if _signals_interrupt:
+        raise WalltimeExceeded(f'received signal {signal.Signals(signum).name}')
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry: ``python -m aiida_dm21.runner.scf [input.json]``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) > 1 or (args and args[0] in ('-h', '--help')):
+        print(__doc__)
+        return EXIT_BAD_INPUT if len(args) > 1 else 0
+    for name in ('SIGTERM', 'SIGUSR1', 'SIGXCPU'):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _raise_walltime)
+    global _signals_interrupt
+    _signals_interrupt = True
+    input_file = Path(args[0] if args else 'input.json')
+    return run(input_file, Path.cwd())
+
+
+if __name__ == '__main__':
+    sys.exit(main())

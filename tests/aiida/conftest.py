@@ -1,0 +1,114 @@
+"""Fixtures of the AiiDA-layer tests: a temporary sqlite profile (AiiDA's own fixtures), checkpoints, codes, molecules.
+
+AiiDA's fixtures (``aiida_profile``, ``aiida_localhost``, ``aiida_code_installed``, ``submit_and_await`` ...)
+are imported here rather than listed in ``pytest_plugins``: pytest only honours ``pytest_plugins`` in the
+top-level conftest, and there they would make every test of the project (also the core tests, which
+must run without AiiDA) create a profile.  Imported into this conftest they serve ``tests/aiida`` only;
+the autouse session fixture ``aiida_profile`` makes a throw-away ``core.sqlite_dos`` profile (no broker).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import typing as t
+from pathlib import Path
+
+import pytest
+
+try:
+    from aiida.tools.pytest_fixtures import *  # noqa: F403 (AiiDA's fixtures, see the docstring)
+except ImportError:  # no aiida-core (the core-only CI job): skip this folder instead of failing its collection
+    collect_ignore_glob = ['test_*.py']
+
+REPO = Path(__file__).resolve().parents[2]
+UPSTREAM_CANDIDATES = (REPO.parent / 'shared' / 'dm21' / 'upstream', REPO / 'shared' / 'dm21' / 'upstream')
+UPSTREAM = next((path for path in UPSTREAM_CANDIDATES if path.is_dir()), UPSTREAM_CANDIDATES[0])
+DATA = REPO / 'tests' / 'data' / 'scf'
+
+
+@pytest.fixture(scope='session')
+def dm21_checkpoint_file(tmp_path_factory) -> Path:
+    """DeepMind's DM21 converted once per session to the project's ``.safetensors`` format."""
+    from aiida_dm21.functional.checkpoint import install_deepmind
+
+    folder = UPSTREAM / 'DM21'
+    if not folder.is_dir():
+        pytest.skip(f'the DeepMind DM21 checkpoint folder is not available at {folder}')
+    path, _ = install_deepmind(folder, tmp_path_factory.mktemp('weights'))
+    return path
+
+
+@pytest.fixture
+def checkpoint_node(dm21_checkpoint_file):
+    """The stored ``dm21.checkpoint`` node of DM21 (created once, then found again by its weights hash)."""
+    from aiida_dm21.data.checkpoint import DM21CheckpointData
+
+    return DM21CheckpointData.get_or_create(dm21_checkpoint_file)
+
+
+@pytest.fixture
+def python_code(aiida_code_installed):
+    """An ``InstalledCode`` on localhost whose executable is this test session's Python."""
+    return aiida_code_installed(
+        label='dm21-python',
+        default_calc_job_plugin='dm21.scf',
+        filepath_executable=sys.executable,
+    )
+
+
+@pytest.fixture
+def make_structure() -> t.Callable[..., t.Any]:
+    """``make_structure([(symbol, (x, y, z)), ...], pbc=...)``: an unstored StructureData (Angstrom, no pbc)."""
+    from aiida import orm
+
+    def factory(atoms: list[tuple[str, tuple[float, float, float]]], pbc=(False, False, False), cell=None):
+        structure = orm.StructureData(cell=cell or [[10.0, 0, 0], [0, 10.0, 0], [0, 0, 10.0]], pbc=pbc)
+        for symbol, position in atoms:
+            structure.append_atom(position=position, symbols=symbol)
+        return structure
+
+    return factory
+
+
+@pytest.fixture
+def count_nodes() -> t.Callable[[], int]:
+    """Number of nodes in the profile (to check that a refused input stores nothing)."""
+    from aiida import orm
+
+    return lambda: orm.QueryBuilder().append(orm.Node).count()
+
+
+@pytest.fixture
+def retrieved_calc_node(aiida_localhost, tmp_path):
+    """``factory(folder_name or path, exit_status=None)``: a stored ``dm21.scf`` CalcJobNode whose ``retrieved``
+    FolderData holds the files of ``tests/data/scf/<folder_name>`` (or of a path)."""
+    from aiida import orm
+    from aiida.common.links import LinkType
+
+    def factory(source: str | Path, exit_status: int | None = None, extra_files: dict[str, bytes] | None = None):
+        folder = tmp_path / 'retrieved'
+        if folder.exists():
+            shutil.rmtree(folder)
+        source_path = Path(source) if isinstance(source, Path) else DATA / source
+        if source_path.is_dir():
+            shutil.copytree(source_path, folder)
+        else:
+            folder.mkdir()
+        for name, content in (extra_files or {}).items():
+            (folder / name).write_bytes(content)
+        node = orm.CalcJobNode(computer=aiida_localhost, process_type='aiida.calculations:dm21.scf')
+        node.set_option('resources', {'num_machines': 1, 'num_mpiprocs_per_machine': 1})
+        node.set_option('max_wallclock_seconds', 600)
+        node.set_option('output_filename', 'aiida.out')
+        node.set_option('parser_name', 'dm21.scf')
+        node.store()
+        if exit_status is not None:
+            node.set_exit_status(exit_status)
+        retrieved = orm.FolderData()
+        retrieved.base.repository.put_object_from_tree(str(folder))
+        retrieved.base.links.add_incoming(node, link_type=LinkType.CREATE, link_label='retrieved')
+        retrieved.store()
+        return node
+
+    return factory
