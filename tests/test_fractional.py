@@ -152,6 +152,7 @@ def test_bad_input_is_rejected():
 
 
 def test_png_and_tables(b3lyp_charge, b3lyp_spin, tmp_path):
+    pytest.importorskip('matplotlib')
     png = plot_fractional_curves([b3lyp_charge], tmp_path / 'fc.png')
     assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 10_000
     assert plot_fractional_curves([b3lyp_spin], tmp_path / 'fs.png', raw_panel=False).read_bytes()[:8] == PNG_SIGNATURE
@@ -167,6 +168,7 @@ def test_png_and_tables(b3lyp_charge, b3lyp_spin, tmp_path):
 
 
 def test_command(tmp_path):
+    pytest.importorskip('matplotlib')
     png, table = tmp_path / 'h.png', tmp_path / 'h.csv'
     args = ['fractional-curve', 'h', '-f', 'b3lyp5', '-b', BASIS, '--grid-level', str(GRID), '--points', '2']
     result = CliRunner().invoke(main, [*args, '-o', str(png), '--table', str(table)])

@@ -582,7 +582,7 @@ def plot_fractional_curves(
     if kind == 'charge':
         xlabel, dev_label, ref_label = 'number of electrons N', 'E − linear interpolation (mHa)', 'exact: straight line'
     else:
-        xlabel, dev_label, ref_label = 'x (α: 1 − x, β: x electrons moved)', 'E − E(pure spin state) (mHa)', 'exact'
+        xlabel, dev_label, ref_label = 'x (electrons moved from α to β)', 'E − E(pure spin state) (mHa)', 'exact'
     ax = axes[0]
     ax.axhline(0.0, color='black', lw=1.0, ls='--', label=ref_label)
     for i, curve in enumerate(curves):
