@@ -92,7 +92,12 @@ class DM21TrainCalculation(CalcJob):
         spec.default_output_node = 'metrics'
         spec.exit_code(300, 'ERROR_MISSING_OUTPUT', message='The training wrote no {detail}.')
         spec.exit_code(301, 'ERROR_UNREADABLE_OUTPUT', message='An output file is unreadable: {detail}')
-        spec.exit_code(310, 'ERROR_OUT_OF_WALLTIME', message='The training ran out of walltime (state saved).')
+        spec.exit_code(
+            310,
+            'ERROR_OUT_OF_WALLTIME',
+            message='The training stopped for the walltime after {epochs} epochs (state saved: restart with '
+            'parent_folder to continue).',
+        )
         spec.exit_code(410, 'ERROR_NON_FINITE_LOSS', message='The loss became NaN or infinite.')
 
     def prepare_for_submission(self, folder) -> datastructures.CalcInfo:
@@ -109,7 +114,12 @@ class DM21TrainCalculation(CalcJob):
                 local_copy.append((node.uuid, node.filename, name))
                 entries.append(name)
             names.append(entries)
-        config = {'hyperparameters': params, 'datasets': names[0], 'heldout': names[1]}
+        config = {
+            'hyperparameters': params,
+            'datasets': names[0],
+            'heldout': names[1],
+            'walltime_seconds': self.metadata.options.get('max_wallclock_seconds'),
+        }
         if 'initial_checkpoint' in self.inputs:
             node = self.inputs.initial_checkpoint
             local_copy.append((node.uuid, node.filename, INITIAL_FILE))
@@ -128,5 +138,11 @@ class DM21TrainCalculation(CalcJob):
         calcinfo.codes_info = [codeinfo]
         calcinfo.local_copy_list = local_copy
         calcinfo.remote_copy_list = remote_copy
-        calcinfo.retrieve_list = [CHECKPOINT_FILE, 'history.npz', 'metrics.json', self.metadata.options.output_filename]
+        calcinfo.retrieve_list = [
+            CHECKPOINT_FILE,
+            'history.npz',
+            'metrics.json',
+            'interrupted.json',
+            self.metadata.options.output_filename,
+        ]
         return calcinfo

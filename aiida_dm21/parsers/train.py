@@ -24,12 +24,18 @@ class DM21TrainParser(Parser):
         output = retrieved.base.repository.get_object_content('aiida.out') if 'aiida.out' in names else ''
         if 'non-finite loss' in output:
             return self.exit_codes.ERROR_NON_FINITE_LOSS
+        if 'interrupted.json' in names:
+            try:
+                epochs = json.loads(retrieved.base.repository.get_object_content('interrupted.json'))['epochs_done']
+            except (ValueError, KeyError, TypeError):
+                epochs = '?'
+            return self.exit_codes.ERROR_OUT_OF_WALLTIME.format(epochs=epochs)
         exit_status = self.node.exit_status if self.node.is_finished else None
         scheduler_walltime = getattr(self.exit_codes, 'ERROR_SCHEDULER_OUT_OF_WALLTIME', None)
         for name in ('checkpoint.safetensors', 'history.npz', 'metrics.json'):
             if name not in names:
                 if scheduler_walltime is not None and exit_status == scheduler_walltime.status:
-                    return self.exit_codes.ERROR_OUT_OF_WALLTIME
+                    return self.exit_codes.ERROR_OUT_OF_WALLTIME.format(epochs='?')
                 return self.exit_codes.ERROR_MISSING_OUTPUT.format(detail=name)
         try:
             metrics = json.loads(retrieved.base.repository.get_object_content('metrics.json'))

@@ -30,6 +30,7 @@ from .loss import PreparedSystem, prepare_system, self_consistency_delta, system
 __all__ = ['TrainConfig', 'TrainResult', 'evaluate', 'main', 'train']
 
 HA_TO_MHA = 1000.0
+EXIT_INTERRUPTED = 4
 
 
 @dataclasses.dataclass
@@ -41,6 +42,7 @@ class TrainConfig:
     grid_level: int = 1
     seed: int = 0
     save_every: int = 5  # epochs between resumable states
+    epochs_per_job: int = 0  # > 0: stop cleanly (state saved) after this many epochs in one job, as at walltime
     device: str = 'cpu'
     name: str = 'trained'
 
@@ -63,6 +65,7 @@ class TrainResult:
     network: DM21Network
     history: dict[str, np.ndarray]
     metrics: dict
+    interrupted: bool = False  # stopped early (walltime / epochs_per_job); the state is saved, resume later
 
 
 def evaluate(network: DM21Network, prepared: Sequence[PreparedSystem], with_regulariser: bool = True) -> dict:
@@ -86,7 +89,7 @@ def _state_paths(state_dir: Path) -> tuple[Path, Path]:
     return state_dir / 'state.safetensors', state_dir / 'state.json'
 
 
-def _save_state(state_dir: Path, network, optimizer, epoch: int, rng, history: dict) -> None:
+def _save_state(state_dir: Path, network, optimizer, epoch: int, rng, history: dict, metrics: dict) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     tensors = {f'net.{k}': v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     opt = optimizer.state_dict()
@@ -101,13 +104,13 @@ def _save_state(state_dir: Path, network, optimizer, epoch: int, rng, history: d
     tmp = tensors_path.with_suffix('.tmp')
     save_file(tensors, str(tmp))
     tmp.replace(tensors_path)
-    payload = {'epoch': epoch, 'steps': steps, 'rng': rng.bit_generator.state, 'history': history}
+    payload = {'epoch': epoch, 'steps': steps, 'rng': rng.bit_generator.state, 'history': history, 'metrics': metrics}
     tmp_json = json_path.with_suffix('.tmp')
     tmp_json.write_text(json.dumps(payload))
     tmp_json.replace(json_path)
 
 
-def _load_state(state_dir: Path, network, optimizer, rng) -> tuple[int, dict] | None:
+def _load_state(state_dir: Path, network, optimizer, rng) -> tuple[int, dict, dict] | None:
     tensors_path, json_path = _state_paths(state_dir)
     if not (tensors_path.is_file() and json_path.is_file()):
         return None
@@ -122,7 +125,7 @@ def _load_state(state_dir: Path, network, optimizer, rng) -> tuple[int, dict] | 
         opt['state'][int(pid)] = state
     optimizer.load_state_dict(opt)
     rng.bit_generator.state = payload['rng']
-    return payload['epoch'], payload['history']
+    return payload['epoch'], payload['history'], payload.get('metrics', {})
 
 
 def train(
@@ -132,8 +135,13 @@ def train(
     heldout: Sequence[TrainingSystem] = (),
     state_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    walltime_seconds: float | None = None,
 ) -> TrainResult:
-    """Train (or fine-tune ``initial``) on ``systems``; metrics before/after on ``systems`` and ``heldout``."""
+    """Train (or fine-tune ``initial``) on ``systems``; metrics before/after on ``systems`` and ``heldout``.
+
+    With ``walltime_seconds`` (and a ``state_dir``) training stops cleanly, state saved, when another epoch
+    would probably not fit in 90 % of it; so does ``config.epochs_per_job``.  ``interrupted`` is then True.
+    """
     if not systems:
         raise ValueError('no training systems')
     torch.manual_seed(config.seed)
@@ -151,19 +159,35 @@ def train(
     prepared_heldout = [prepare_system(s, config.grid_level, network.config.omegas, device) for s in heldout]
     n_points = sum(ps.n_points for ps in prepared)
     say(f'{n_points} grid points in the training set, prepared in {time.perf_counter() - start:.1f} s')
-    metrics = {'before': {'train': evaluate(network, prepared)}}
-    if prepared_heldout:
-        metrics['before']['heldout'] = evaluate(network, prepared_heldout)
     optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
     history: dict[str, list] = {'epoch': [], 'loss': [], 'energy_loss': [], 'regulariser': [], 'wall_s': []}
     first_epoch = 0
+    metrics: dict = {}
     state_dir = Path(state_dir) if state_dir else None
-    if state_dir is not None:
-        loaded = _load_state(state_dir, network, optimizer, rng)
-        if loaded is not None:
-            first_epoch, history = loaded
-            say(f'resumed from {state_dir} at epoch {first_epoch}')
+    loaded = _load_state(state_dir, network, optimizer, rng) if state_dir is not None else None
+    if loaded is not None:
+        first_epoch, history, metrics = loaded
+        say(f'resumed from {state_dir} at epoch {first_epoch}')
+    if 'before' not in metrics:  # errors of the initial model, kept across restarts
+        metrics['before'] = {'train': evaluate(network, prepared)}
+        if prepared_heldout:
+            metrics['before']['heldout'] = evaluate(network, prepared_heldout)
+    interrupted = False
     for epoch in range(first_epoch, config.epochs):
+        done_here = epoch - first_epoch
+        slowest = max(history['wall_s'], default=0.0)
+        out_of_time = walltime_seconds is not None and (
+            time.perf_counter() - start + 1.5 * slowest > 0.9 * walltime_seconds
+        )
+        if (
+            state_dir is not None
+            and done_here > 0
+            and (out_of_time or (config.epochs_per_job > 0 and done_here >= config.epochs_per_job))
+        ):
+            _save_state(state_dir, network, optimizer, epoch, rng, history, metrics)
+            say(f'stopping after epoch {epoch} to stay within the job (state saved in {state_dir})')
+            interrupted = True
+            break
         t_epoch = time.perf_counter()
         order = rng.permutation(len(prepared))
         sums = {'loss': 0.0, 'energy_loss': 0.0, 'regulariser': 0.0}
@@ -192,8 +216,11 @@ def train(
             f'regulariser {history["regulariser"][-1]:.2e}) {history["wall_s"][-1]:.1f} s'
         )
         if state_dir is not None and ((epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs):
-            _save_state(state_dir, network, optimizer, epoch + 1, rng, history)
+            _save_state(state_dir, network, optimizer, epoch + 1, rng, history, metrics)
     network.eval()
+    if interrupted:
+        arrays = {k: np.asarray(v, dtype=float) for k, v in history.items()}
+        return TrainResult(network=network.cpu(), history=arrays, metrics=metrics, interrupted=True)
     metrics['after'] = {'train': evaluate(network, prepared)}
     if prepared_heldout:
         metrics['after']['heldout'] = evaluate(network, prepared_heldout)
@@ -222,7 +249,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     def say(message: str) -> None:
         print(message, flush=True)
 
-    result = train(systems, config, initial, heldout, state_dir=workdir / 'state', progress=say)
+    result = train(
+        systems,
+        config,
+        initial,
+        heldout,
+        state_dir=workdir / 'state',
+        progress=say,
+        walltime_seconds=spec.get('walltime_seconds'),
+    )
+    if result.interrupted:
+        (workdir / 'interrupted.json').write_text(json.dumps({'epochs_done': len(result.history['epoch'])}))
+        return EXIT_INTERRUPTED
     meta = {'name': config.name, 'source': 'trained', 'training': {'hyperparameters': dataclasses.asdict(config)}}
     save_checkpoint(workdir / 'checkpoint.safetensors', result.network, meta)
     np.savez(workdir / 'history.npz', **result.history)

@@ -222,3 +222,30 @@ def test_training_refuses_bad_hyperparameters(hydrogen_data, count_nodes):
 
 def test_link_labels():
     assert link_label('H+') == 'H_plus' and link_label('C2H6-') == 'C2H6_minus' and link_label('2x') == 's_2x'
+
+
+@pytest.mark.slow
+def test_train_workchain_resumes_after_walltime(hydrogen_data):
+    """A training cut into one-epoch jobs (as if each hit the walltime) resumes from the saved state and
+    ends with exactly the weights of an uninterrupted run."""
+    from aiida_dm21.workflows.train import DM21TrainWorkChain
+
+    code, dataset, _ = hydrogen_data
+    hyper = {'epochs': 2, 'learning_rate': 1e-4, 'grid_level': 0, 'seed': 5}
+    straight, straight_node = run_get_node(
+        DM21TrainCalculation, code=code, datasets={'h': dataset}, parameters=orm.Dict(hyper)
+    )
+    assert straight_node.is_finished_ok
+    results, node = run_get_node(
+        DM21TrainWorkChain,
+        train={'code': code, 'datasets': {'h': dataset}, 'parameters': orm.Dict({**hyper, 'epochs_per_job': 1})},
+    )
+    assert node.is_finished_ok, node.exit_message
+    jobs = [c for c in node.called if isinstance(c, orm.CalcJobNode)]
+    assert len(jobs) == 2 and jobs[0].exit_status == 310 and jobs[1].exit_status == 0
+    assert jobs[1].inputs.parent_folder.pk == jobs[0].outputs.remote_folder.pk
+    reports = ' '.join(log.message for log in orm.Log.collection.get_logs_for(node))
+    assert 'resuming from its saved state' in reports
+    resumed = results['checkpoint'].base.attributes.get('weights_sha256')
+    assert resumed == straight['checkpoint'].base.attributes.get('weights_sha256')
+    assert list(results['loss_curves'].get_array('epoch')) == [1.0, 2.0]
