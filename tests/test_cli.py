@@ -16,10 +16,10 @@ pytestmark = pytest.mark.core
 def test_weights_import_fetch_list(upstream_dir, tmp_path, monkeypatch):
     monkeypatch.setenv('AIIDA_DM21_WEIGHTS_DIR', str(tmp_path / 'w'))
     runner = CliRunner()
-    result = runner.invoke(main, ['weights', 'import', str(upstream_dir / 'DM21')])
+    result = runner.invoke(main, ['weights', 'import', str(upstream_dir / 'DM21'), '--no-store'])  # no AiiDA here
     assert result.exit_code == 0, result.output
     assert (tmp_path / 'w' / 'DM21.safetensors').is_file()
-    result = runner.invoke(main, ['weights', 'fetch', 'DM21m', '--source', upstream_dir.as_uri()])
+    result = runner.invoke(main, ['weights', 'fetch', 'DM21m', '--source', upstream_dir.as_uri(), '--no-store'])
     assert result.exit_code == 0, result.output
     result = runner.invoke(main, ['weights', 'list'])
     assert result.exit_code == 0 and 'deepmind:DM21m' in result.output and 'deepmind:DM21 ' in result.output

@@ -1,14 +1,26 @@
-"""``aiida-dm21`` commands that use an AiiDA profile: ``demo``, ``setup``, ``checkpoint lineage``."""
+"""``aiida-dm21`` commands that use an AiiDA profile: ``demo``, ``setup``, ``checkpoint list|show|export|lineage``.
+
+The functions behind ``checkpoint list|show|export`` (:func:`load_checkpoint`, :func:`checkpoint_table`,
+:func:`checkpoint_details`, :func:`export_checkpoint`) also serve ``verdi data dm21.checkpoint``
+(:mod:`aiida_dm21.cli.verdi_data`).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+import typing as t
+from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.table import Table
 
 from .aiida_support import console, ensure_code, load_profile
+
+if t.TYPE_CHECKING:
+    from ..data.checkpoint import DM21CheckpointData
 
 PROFILE = click.option('-p', '--profile', default=None, help='AiiDA profile (default: the default profile).')
 
@@ -25,6 +37,123 @@ def setup(profile: str | None) -> None:
 @click.group('checkpoint')
 def checkpoint() -> None:
     """Checkpoint nodes in the AiiDA database."""
+
+
+# --- checkpoint list | show | export (shared with `verdi data dm21.checkpoint`) -----------------------------
+
+
+def load_checkpoint(identifier: str | int) -> DM21CheckpointData:
+    """The ``dm21.checkpoint`` node with this pk or UUID (a profile must be loaded).
+
+    :raises click.ClickException: no such node, or a node of another type.
+    """
+    from aiida import orm
+    from aiida.common.exceptions import MultipleObjectsError, NotExistent
+
+    from ..data.checkpoint import DM21CheckpointData
+
+    text = str(identifier).strip()
+    try:
+        node = orm.load_node(pk=int(text)) if text.isdigit() else orm.load_node(uuid=text)
+    except (NotExistent, MultipleObjectsError, ValueError) as exc:
+        raise click.ClickException(
+            f'no checkpoint node {text!r}: {exc} (`aiida-dm21 checkpoint list` shows the stored ones)'
+        ) from exc
+    if not isinstance(node, DM21CheckpointData):
+        raise click.ClickException(f'node {node.pk} is a {type(node).__name__}, not a dm21.checkpoint')
+    return node
+
+
+def stored_checkpoints(name: str | None = None) -> list[DM21CheckpointData]:
+    """All stored checkpoint nodes (only those called ``name`` if given), oldest first."""
+    from aiida import orm
+
+    from ..data.checkpoint import DM21CheckpointData
+
+    filters = {'attributes.name': name} if name is not None else {}
+    builder = orm.QueryBuilder().append(DM21CheckpointData, filters=filters, tag='checkpoint')
+    builder.order_by({'checkpoint': {'id': 'asc'}})
+    return [row[0] for row in builder.all()]
+
+
+def checkpoint_table(nodes: t.Sequence[DM21CheckpointData]) -> Table:
+    """A table of checkpoint nodes: pk, name, source, parameters, weights sha256 prefix, creation time."""
+    table = Table(title='dm21.checkpoint nodes')
+    for column in ('pk', 'name', 'source', 'params', 'sha256', 'created'):
+        table.add_column(column, justify='right' if column in ('pk', 'params') else 'left')
+    for node in nodes:
+        table.add_row(
+            str(node.pk),
+            node.name,
+            node.checkpoint_source,
+            f'{node.n_parameters:,}',
+            (node.weights_sha256 or '')[:12],
+            node.ctime.strftime('%Y-%m-%d %H:%M'),
+        )
+    return table
+
+
+def checkpoint_details(node: DM21CheckpointData) -> Table:
+    """Every attribute of a checkpoint node (nested values as JSON), with its pk, UUID and file name."""
+    table = Table(title=f'dm21.checkpoint<{node.pk}>', show_header=False)
+    table.add_column('key', style='bold')
+    table.add_column('value', overflow='fold')
+    table.add_row('pk', str(node.pk))
+    table.add_row('uuid', node.uuid)
+    table.add_row('created', node.ctime.isoformat(timespec='seconds'))
+    table.add_row('label', node.label or '')
+    for key, value in sorted(node.base.attributes.all.items()):
+        table.add_row(key, value if isinstance(value, str) else json.dumps(value))
+    return table
+
+
+def export_checkpoint(node: DM21CheckpointData, path: Path, overwrite: bool = False) -> Path:
+    """Write the node's ``.safetensors`` file (byte-identical) to ``path``; a folder gets the node's file name.
+
+    :raises click.ClickException: the file exists and ``overwrite`` is false, or it cannot be written.
+    """
+    target = path / node.filename if path.is_dir() else path
+    if target.exists() and not overwrite:
+        raise click.ClickException(f'{target} exists: use --overwrite to replace it')
+    try:
+        node.export(target, overwrite=overwrite)
+    except OSError as exc:
+        raise click.ClickException(f'cannot write {target}: {exc}') from exc
+    return target
+
+
+@checkpoint.command('list')
+@click.option('--name', default=None, help='Only checkpoints with this name (DM21, DM21m, a trained name ...).')
+@PROFILE
+def checkpoint_list_cmd(name: str | None, profile: str | None) -> None:
+    """List the dm21.checkpoint nodes in the database."""
+    load_profile(profile)
+    nodes = stored_checkpoints(name)
+    if not nodes:
+        console.print('no dm21.checkpoint nodes' + (f' named {name!r}' if name else '') + ' in this profile')
+        return
+    Console().print(checkpoint_table(nodes))
+
+
+@checkpoint.command('show')
+@click.argument('identifier')
+@PROFILE
+def checkpoint_show_cmd(identifier: str, profile: str | None) -> None:
+    """Show the attributes of the checkpoint IDENTIFIER (pk or UUID)."""
+    load_profile(profile)
+    Console().print(checkpoint_details(load_checkpoint(identifier)))
+
+
+@checkpoint.command('export')
+@click.argument('identifier')
+@click.argument('path', type=click.Path(path_type=Path))
+@click.option('--overwrite', is_flag=True, help='Replace an existing file.')
+@PROFILE
+def checkpoint_export_cmd(identifier: str, path: Path, overwrite: bool, profile: str | None) -> None:
+    """Write the .safetensors file of the checkpoint IDENTIFIER (pk or UUID) to PATH (a file or a folder)."""
+    load_profile(profile)
+    target = export_checkpoint(load_checkpoint(identifier), path, overwrite)
+    click.echo(f'wrote {target}')
 
 
 @checkpoint.command('lineage')

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
+import click
 from rich.console import Console
 
 console = Console(stderr=True)
@@ -13,11 +15,19 @@ CODE_LABEL = 'dm21-python'
 
 
 def load_profile(profile: str | None = None, create: bool = False):
-    """Load ``profile`` (or the default); with ``create``, make a ``verdi presto`` SQLite profile if there is none."""
+    """Load ``profile`` (or the default); with ``create``, make a ``verdi presto`` SQLite profile if there is none.
+
+    Without ``profile``, a profile that is already loaded (by ``verdi``, a test fixture or a script) is used
+    as it is: the commands never switch away from it unless a profile is named.
+    """
     from aiida import load_profile as _load
     from aiida.common.exceptions import ProfileConfigurationError
+    from aiida.manage import get_manager
     from aiida.manage.configuration import get_config
 
+    loaded = get_manager().get_profile()
+    if profile is None and loaded is not None:
+        return loaded
     try:
         config = get_config(create=True)
         names = config.profile_names
@@ -36,6 +46,36 @@ def load_profile(profile: str | None = None, create: bool = False):
         return _load(profile, allow_switch=True)
     except ProfileConfigurationError as exc:
         raise SystemExit(f'cannot load an AiiDA profile: {exc}\nrun `verdi presto` first') from exc
+
+
+def load_profile_if_available(profile: str | None = None):
+    """The loaded profile, else ``profile`` or the default one if the AiiDA configuration has it, else ``None``.
+
+    Never creates anything (no configuration folder, no profile): for commands that only *may* use AiiDA.
+    :raises Exception: whatever loading a configured profile raises (a broken configuration).
+    """
+    try:
+        from aiida.manage import get_manager
+        from aiida.manage.configuration import get_config
+    except ImportError:
+        return None
+    loaded = get_manager().get_profile()
+    if profile is None and loaded is not None:
+        return loaded
+    from aiida.common.exceptions import ConfigurationError
+
+    try:
+        config = get_config(create=False)
+    except ConfigurationError:
+        return None
+    name = profile or config.default_profile_name
+    if name is None or name not in config.profile_names:
+        if profile is not None:
+            raise ConfigurationError(f'no AiiDA profile {profile!r}; profiles: {", ".join(config.profile_names)}')
+        return None
+    from aiida import load_profile as _load
+
+    return _load(name, allow_switch=True)
 
 
 def ensure_localhost():
@@ -80,3 +120,42 @@ def ensure_code(label: str = CODE_LABEL):
     code.store()
     console.log(f'registered code {label}@{computer.label} -> {sys.executable}')
     return code
+
+
+def store_options(func):
+    """``--store/--no-store`` and ``--profile`` of the ``weights`` commands."""
+    func = click.option(
+        '--profile',
+        '-p',
+        default=None,
+        help='AiiDA profile to store the checkpoints in (default: the loaded or default profile).',
+    )(func)
+    return click.option(
+        '--store/--no-store',
+        default=None,
+        help='Also store each checkpoint as a dm21.checkpoint node in AiiDA (default: when a profile can be '
+        'loaded). --no-store only writes the files and never touches AiiDA.',
+    )(func)
+
+
+def store_checkpoint_files(paths: list[Path], store: bool | None, profile: str | None) -> None:
+    """Store the checkpoint files as ``dm21.checkpoint`` nodes: always with ``store``, never with ``False``,
+    and with ``None`` only when an AiiDA profile can be loaded (a note otherwise)."""
+    if store is False:
+        return
+    try:
+        loaded = load_profile_if_available(profile)
+        if loaded is None:
+            raise RuntimeError('no AiiDA profile is configured (`aiida-dm21 setup` or `verdi presto` makes one)')
+        from ..data.checkpoint import DM21CheckpointData
+
+        for path in paths:
+            content_hash = DM21CheckpointData(path).weights_sha256
+            existing = DM21CheckpointData.find(content_hash)
+            node = existing or DM21CheckpointData.get_or_create(path)
+            state = 'already stored as' if existing else 'stored as'
+            console.print(f'{path.name}: {state} dm21.checkpoint<{node.pk}> in profile {loaded.name!r}')
+    except Exception as exc:  # no aiida-core, no profile, storage not reachable ...
+        if store:
+            raise click.ClickException(f'cannot store the checkpoints in AiiDA: {type(exc).__name__}: {exc}') from exc
+        console.print(f'not stored in AiiDA ({exc}); the files are installed (use --no-store to skip this step)')

@@ -59,20 +59,28 @@ def _print_installed(results) -> None:
     Console().print(table)
 
 
+from .aiida_support import store_options  # noqa: E402 (needs click and rich only)
+
+
 @weights.command('import')
 @click.argument('path', type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option('--name', default=None, help='Name to install under (default: identified from the file hashes).')
 @click.option('--no-verify', is_flag=True, help='Accept files that are not byte-identical to a published checkpoint.')
 @_dest_option
-def weights_import(path: Path, name: str | None, no_verify: bool, dest: Path | None) -> None:
+@store_options
+def weights_import(
+    path: Path, name: str | None, no_verify: bool, dest: Path | None, store: bool | None, profile: str | None
+) -> None:
     """Convert a local DeepMind TF-Hub module folder PATH (no TensorFlow needed)."""
     from ..functional.checkpoint import CheckpointError, install_deepmind
+    from .aiida_support import store_checkpoint_files
 
     try:
         result = install_deepmind(path, dest, name=name, verify=not no_verify)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
     _print_installed([result])
+    store_checkpoint_files([result[0]], store, profile)
 
 
 @weights.command('fetch')
@@ -84,15 +92,20 @@ def weights_import(path: Path, name: str | None, no_verify: bool, dest: Path | N
     "default: $AIIDA_DM21_WEIGHTS_SOURCE or DeepMind's GitHub repository.",
 )
 @_dest_option
-def weights_fetch(names: tuple[str, ...], source: str | None, dest: Path | None) -> None:
+@store_options
+def weights_fetch(
+    names: tuple[str, ...], source: str | None, dest: Path | None, store: bool | None, profile: str | None
+) -> None:
     """Download NAMES (default: DM21 DM21m DM21mc DM21mu), check the pinned sha256, convert."""
     from ..functional.checkpoint import PUBLISHED_FUNCTIONALS, CheckpointError, fetch_deepmind
+    from .aiida_support import store_checkpoint_files
 
     try:
         results = fetch_deepmind(names or PUBLISHED_FUNCTIONALS, source, dest, progress=lambda m: console.log(m))
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
     _print_installed(results)
+    store_checkpoint_files([path for path, _ in results], store, profile)
 
 
 @weights.command('list')
@@ -208,3 +221,8 @@ from .aiida_cmds import checkpoint, demo, setup  # noqa: E402 (commands that nee
 main.add_command(demo)
 main.add_command(setup)
 main.add_command(checkpoint)
+
+
+from .scf import scf as _scf  # noqa: E402 (`scf launch`: needs aiida-core, imported lazily inside)
+
+main.add_command(_scf)

@@ -355,7 +355,8 @@ class _Progress:
         self.e_tot = _finite(envs.get('e_tot'))
         index = envs.get('cycle', envs.get('imacro'))  # 0-based: 'cycle' in DIIS, 'imacro' in the Newton solver
         self.cycle = int(index) + 1 if isinstance(index, int) else self.cycle + 1
-        if self.deadline is not None and now + self.slowest > self.deadline:
+        # A cycle that converged is kept: stopping now would throw the converged result away for a restart.
+        if self.deadline is not None and not envs.get('scf_conv') and now + self.slowest > self.deadline:
             raise WalltimeExceeded(f'stopped after cycle {self.cycle}: the next cycle would pass the walltime')
 
 

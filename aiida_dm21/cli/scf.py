@@ -1,0 +1,288 @@
+"""``aiida-dm21 scf launch``: a ``dm21.scf`` workchain from the command line.
+
+STRUCTURE is a molecule name of :data:`aiida_dm21.cli.main.MOLECULES`, an xyz file or the pk of a StructureData;
+the functional is a checkpoint node pk, the name of installed weights (stored as a ``dm21.checkpoint`` node
+when needed) or a ``.safetensors`` file.  Without ``--daemon`` the workchain runs in this process and the
+energy is printed; with it, the workchain is submitted to the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import typing as t
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from .aiida_cmds import PROFILE, load_checkpoint, stored_checkpoints
+from .aiida_support import console, ensure_code, load_profile
+
+if t.TYPE_CHECKING:
+    from aiida import orm
+
+    from ..data.checkpoint import DM21CheckpointData
+
+__all__ = ('resolve_functional', 'resolve_structure', 'scf')
+
+BOHR = 0.52917721092  # Angstrom, as PySCF's param.BOHR
+
+
+def _structure_from_atoms(atoms: list[tuple[str, t.Sequence[float]]]) -> orm.StructureData:
+    """A non-periodic StructureData (positions in Angstrom) in a 20 Angstrom box."""
+    from aiida import orm
+
+    structure = orm.StructureData(pbc=(False, False, False), cell=[[20.0, 0, 0], [0, 20.0, 0], [0, 0, 20.0]])
+    for symbol, position in atoms:
+        structure.append_atom(position=[float(x) for x in position], symbols=symbol)
+    return structure
+
+
+def _atoms_from_pyscf(atom: str) -> list[tuple[str, list[float]]]:
+    """Symbols and positions (Angstrom) from a PySCF atom string."""
+    from pyscf import gto
+
+    return [(symbol, [x * BOHR for x in coords]) for symbol, coords in gto.format_atom(atom, unit='Angstrom')]
+
+
+def read_xyz(path: Path) -> list[tuple[str, list[float]]]:
+    """Atoms of an xyz file: an optional count line and comment line, then ``symbol x y z`` (Angstrom).
+
+    :raises click.ClickException: a line that is not ``symbol x y z``, or no atoms at all.
+    """
+    lines = path.read_text().splitlines()
+    if lines and lines[0].strip().isdigit():
+        lines = lines[2:]
+    atoms = []
+    for number, line in enumerate(lines, start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            symbol = fields[0]
+            position = [float(x) for x in fields[1:4]]
+            if len(position) != 3:
+                raise ValueError('fewer than three coordinates')
+        except ValueError as exc:
+            message = f'{path}: atom line {number} {line.strip()!r} is not "symbol x y z": {exc}'
+            raise click.ClickException(message) from exc
+        atoms.append((symbol.capitalize() if symbol.isalpha() else symbol, position))
+    if not atoms:
+        raise click.ClickException(f'{path}: no atoms')
+    return atoms
+
+
+def resolve_structure(spec: str) -> tuple[orm.StructureData, int | None]:
+    """The molecule named by ``spec`` and its default multiplicity (``None`` if it has none).
+
+    ``spec`` is a name of :data:`~aiida_dm21.cli.main.MOLECULES` (case-insensitive), an xyz file or the pk of a
+    stored StructureData, tried in that order.
+
+    :raises click.ClickException: none of these, or a pk of another node type.
+    """
+    from aiida.common.exceptions import UnsupportedSpeciesError
+
+    from .main import MOLECULES
+
+    if spec.lower() in MOLECULES:
+        entry = MOLECULES[spec.lower()]
+        return _structure_from_atoms(_atoms_from_pyscf(entry['atom'])), entry['spin'] + 1
+    path = Path(spec)
+    if path.is_file():
+        try:
+            return _structure_from_atoms(read_xyz(path)), None
+        except UnsupportedSpeciesError as exc:
+            raise click.ClickException(f'{path}: {exc}') from exc
+    if spec.isdigit():
+        from aiida import orm
+        from aiida.common.exceptions import NotExistent
+
+        try:
+            node = orm.load_node(int(spec))
+        except NotExistent as exc:
+            raise click.ClickException(f'no node with pk {spec} for the structure') from exc
+        if not isinstance(node, orm.StructureData):
+            raise click.ClickException(f'node {spec} is a {type(node).__name__}, not a StructureData')
+        return node, None
+    known = ', '.join(MOLECULES)
+    raise click.ClickException(
+        f'unknown structure {spec!r}: not a molecule name ({known}), not an existing xyz file, not a StructureData pk'
+    )
+
+
+def resolve_functional(spec: str) -> DM21CheckpointData:
+    """The checkpoint node for ``spec``: a node pk or UUID, a ``.safetensors`` file, or the name of a functional.
+
+    A name is looked up in the weights folder (``aiida-dm21 weights fetch`` puts DeepMind's there; the file is
+    stored as a node, or the node with the same weights is reused), then among stored nodes of that name.
+
+    :raises click.ClickException: a missing pk, an unreadable file, or a name that is neither installed nor stored.
+    """
+    from ..data.checkpoint import DM21CheckpointData, DM21CheckpointError
+    from ..functional.checkpoint import weights_dir
+
+    path = Path(spec)
+    if spec.endswith('.safetensors') or path.is_file():
+        try:
+            return DM21CheckpointData.get_or_create(path)
+        except DM21CheckpointError as exc:
+            raise click.ClickException(str(exc)) from exc
+    if spec.isdigit() or (len(spec) >= 8 and all(c in '0123456789abcdef-' for c in spec.lower())):
+        return load_checkpoint(spec)
+    installed = weights_dir() / f'{spec}.safetensors'
+    if installed.is_file():
+        try:
+            return DM21CheckpointData.get_or_create(installed)
+        except DM21CheckpointError as exc:
+            raise click.ClickException(str(exc)) from exc
+    stored = stored_checkpoints(spec)
+    distinct = {node.weights_sha256: node for node in stored}
+    if len(distinct) == 1:
+        return stored[0]
+    if len(distinct) > 1:
+        pks = ', '.join(str(node.pk) for node in distinct.values())
+        raise click.ClickException(f'several checkpoints are called {spec!r} (pks {pks}): give a pk')
+    raise click.ClickException(
+        f'functional {spec!r} is not installed ({installed} does not exist) and no stored checkpoint has that name: '
+        f'run `aiida-dm21 weights fetch {spec}`, or give a .safetensors file or a checkpoint pk'
+    )
+
+
+def resolve_code(spec: str | None):
+    """The code to run with: ``spec`` (label, ``label@computer`` or pk) or ``dm21-python@localhost`` (created)."""
+    if spec is None:
+        return ensure_code()
+    from aiida import orm
+    from aiida.common.exceptions import MultipleObjectsError, NotExistent
+
+    try:
+        return orm.load_code(spec)
+    except (NotExistent, MultipleObjectsError, ValueError) as exc:
+        raise click.ClickException(f'no code {spec!r}: {exc} (see `verdi code list`)') from exc
+
+
+@click.group('scf')
+def scf() -> None:
+    """DM21 SCF calculations as AiiDA workchains (dm21.scf)."""
+
+
+@scf.command('launch')
+@click.argument('structure')
+@click.option(
+    '--functional',
+    '-f',
+    default='DM21',
+    show_default=True,
+    help='Installed weights name (DM21, DM21m ...), a .safetensors file, or a dm21.checkpoint pk.',
+)
+@click.option('--basis', '-b', default=None, help="PySCF basis name (default: the protocol's).")
+@click.option(
+    '--protocol',
+    default='balanced',
+    show_default=True,
+    help='fast, balanced or stringent: basis, grid and thresholds (aiida_dm21/workflows/protocols/scf.yaml).',
+)
+@click.option('--charge', default=0, show_default=True, type=int, help='Total charge.')
+@click.option(
+    '--multiplicity',
+    default=None,
+    type=click.IntRange(min=1),
+    help='2S + 1 (default: from the molecule name, else 1 or 2 by electron count).',
+)
+@click.option('--grid-level', default=None, type=click.IntRange(0, 9), help="Grid level (default: the protocol's).")
+@click.option('--walltime', default=None, type=click.IntRange(min=1), help='max_wallclock_seconds of each job.')
+@click.option('--code', 'code_spec', default=None, help='Code label or pk (default: dm21-python@localhost, created).')
+@click.option('--daemon', is_flag=True, help='Submit to the AiiDA daemon instead of running in this process.')
+@PROFILE
+def launch(
+    structure: str,
+    functional: str,
+    basis: str | None,
+    protocol: str,
+    charge: int,
+    multiplicity: int | None,
+    grid_level: int | None,
+    walltime: int | None,
+    code_spec: str | None,
+    daemon: bool,
+    profile: str | None,
+) -> None:
+    """Run a dm21.scf workchain on STRUCTURE: a molecule name (water, h2, h, ch3, ne), an xyz file or a
+    StructureData pk."""
+    load_profile(profile)
+    from aiida import engine
+
+    from ..workflows.protocols import ProtocolError
+    from ..workflows.scf import DM21ScfWorkChain
+
+    molecule, default_multiplicity = resolve_structure(structure)
+    checkpoint = resolve_functional(functional)
+    code = resolve_code(code_spec)
+    parameters: dict[str, t.Any] = {}
+    if basis is not None:
+        parameters['basis'] = basis
+    if grid_level is not None:
+        parameters['grid_level'] = grid_level
+    overrides: dict[str, t.Any] = {'scf': {'parameters': parameters}} if parameters else {}
+    try:
+        builder = DM21ScfWorkChain.get_builder_from_protocol(
+            code,
+            molecule,
+            checkpoint,
+            protocol=protocol,
+            overrides=overrides,
+            charge=charge,
+            # a named molecule's multiplicity is for its neutral state; charged: from the electron count
+            multiplicity=multiplicity if multiplicity is not None else (default_multiplicity if not charge else None),
+            options={'max_wallclock_seconds': walltime} if walltime else None,
+        )
+    except ProtocolError as exc:
+        raise click.ClickException(str(exc)) from exc
+    parameters = builder.scf.parameters.get_dict()
+    what = f'{checkpoint.name}/{parameters["basis"]} {molecule.get_formula()} ({protocol})'
+
+    if daemon:
+        _submit(builder, what)
+        return
+
+    logging.getLogger('aiida').setLevel('REPORT')  # the workchain's reports, e.g. what a restart changes
+    try:
+        with console.status(f'dm21.scf {what}: running in this process ...'):
+            results, node = engine.run_get_node(builder)
+    except ValueError as exc:  # the inputs were refused before anything ran (e.g. impossible multiplicity)
+        raise click.ClickException(f'the inputs were refused: {exc}') from exc
+    if not node.is_finished_ok:
+        raise click.ClickException(
+            f'dm21.scf<{node.pk}> failed: exit {node.exit_status} {node.exit_message}; '
+            f'see `verdi process report {node.pk}`'
+        )
+    output = results['output_parameters'].get_dict()
+    Console().print(
+        f'dm21.scf<{node.pk}> {what}: E = {output["e_tot"]:.10f} Ha ({output["e_tot_ev"]:.6f} eV), '
+        f'{output.get("scf_type")}, {output.get("cycles")} cycles in the last of '
+        f'{len(node.called)} run(s)',
+        soft_wrap=True,
+    )
+
+
+def _submit(builder, what: str) -> None:
+    """Submit to the daemon and say how to follow the workchain."""
+    from aiida import engine
+    from aiida.engine.daemon.client import get_daemon_client
+
+    try:
+        node = engine.submit(builder)
+    except Exception as exc:  # no broker configured, broker not reachable ...
+        raise click.ClickException(
+            f'cannot submit to the daemon: {type(exc).__name__}: {exc}\n'
+            'run without --daemon to run in this process, or configure a broker (`verdi profile configure-broker`)'
+        ) from exc
+    click.echo(f'submitted dm21.scf<{node.pk}> {what}')
+    click.echo(f'follow it with: verdi process status {node.pk}   |   verdi process report {node.pk}')
+    click.echo(f'results: verdi process show {node.pk}')
+    try:
+        running = get_daemon_client().is_daemon_running
+    except Exception:  # a profile without a broker or daemon settings
+        running = False
+    if not running:
+        console.print('[yellow]the daemon is not running[/yellow]: start it with `verdi daemon start`')
