@@ -119,7 +119,12 @@ PARAMETERS: dict[str, Parameter] = {
         (str,), 'b3lyp', 'initial density: b3lyp (converged B3LYP), minao, atom, huckel or 1e', _one_of(INIT_GUESSES)
     ),
     'level_shift': Parameter((float, int), 0.0, 'virtual orbital level shift (Ha)', _at_least(0)),
-    'damp': Parameter((float, int), 0.0, 'Fock matrix damping factor in [0, 1)', _between(0, 1, high_open=True)),
+    'damp': Parameter(
+        (float, int),
+        0.0,
+        'Fock damping factor in [0, 1) for cycles 1-3 (DIIS then starts at 4)',
+        _between(0, 1, high_open=True),
+    ),
     'newton': Parameter(
         (bool,),
         False,

@@ -18,7 +18,7 @@ key                    meaning
 ``max_cycle``          maximum number of SCF cycles
 ``init_guess``         ``b3lyp`` (converged B3LYP density) or a PySCF guess
 ``level_shift``        level shift (Ha)
-``damp``               density damping factor
+``damp``               Fock damping factor for the first 3 cycles (DIIS starts at cycle 4)
 ``newton``             second-order (Newton) solver, Coulomb-only approximate Hessian
 ``checkpoint``         checkpoint file name (``checkpoint.safetensors``)
 ``restart_density``    optional ``.npy`` density matrix to start from
@@ -190,7 +190,10 @@ def make_scf(mol, data: dict[str, Any], checkpoint: Path):
     if data.get('level_shift'):
         mf.level_shift = float(data['level_shift'])
     if data.get('damp'):
+        # PySCF damps the Fock matrix only in the cycles before DIIS starts (by default cycle 1, i.e. never):
+        # with damping requested, DIIS starts at cycle 4 so the damping takes effect first.
         mf.damp = float(data['damp'])
+        mf.diis_start_cycle = max(mf.diis_start_cycle, 4)
     if data.get('max_memory_mb'):
         mf.max_memory = float(data['max_memory_mb'])
     if data.get('newton'):
