@@ -149,7 +149,17 @@ def test_checkpoint_show_errors(cli, checkpoint_node):
     assert result.exit_code == 1 and f'node {other.pk} is a Int, not a dm21.checkpoint' in result.output
 
 
-def test_verdi_data_dm21_checkpoint(checkpoint_node, tmp_path):
+@pytest.fixture
+def restore_aiida_logging():
+    """verdi's verbosity option reconfigures logging for the command line (no database handler): put the
+    test session's configuration back, or later processes' reports would no longer be stored as logs."""
+    yield
+    from aiida.common.log import configure_logging
+
+    configure_logging(with_orm=True)
+
+
+def test_verdi_data_dm21_checkpoint(checkpoint_node, tmp_path, restore_aiida_logging):
     from aiida.cmdline.commands.cmd_data import verdi_data
 
     group = verdi_data.get_command(click.Context(verdi_data), 'dm21.checkpoint')  # found through the entry point
