@@ -320,8 +320,7 @@ def import_deepmind(folder: str | Path, name: str | None = None, verify: bool = 
         'format_version': FORMAT_VERSION,
         'weights_sha256': weights_sha256(tensors),
     }
-    network_from_tensors(tensors, meta, str(folder))  # validates shapes
-    return tensors, meta
+    return tensors, meta  # shapes are checked where a network is built from them (network_from_tensors)
 
 
 def install_deepmind(folder: str | Path, dest_dir: str | Path | None = None, **kwargs) -> tuple[Path, dict]:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from pyscf.dft import numint as pyscf_numint
 
-from .model import DM21Network, xc_energy_density, xc_energy_parts
+from .model import DM21Network, xc_energy_parts
 
 __all__ = ['DM21NumInt', 'UnsupportedSystemError', 'XCResult', 'check_supported_molecule']
 
@@ -75,7 +75,6 @@ class Timings:
     network: float = 0.0
     potential: float = 0.0
     calls: int = 0
-    history: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in ('integrals', 'features', 'network', 'potential', 'calls')}
@@ -189,20 +188,6 @@ class DM21NumInt(pyscf_numint.NumInt):
             if restricted:
                 vxc = vxc * 0.5  # D_a = D_b = D/2 both depend on D
         return XCResult(nelec=nelec, exc=exc, vxc=vxc)
-
-    def xc_energy_density_on_grid(self, mol, grids, dms: np.ndarray, max_memory: float = 4000):
-        """Features (g, 11), weights and e_xc per volume on the whole grid, for analysis and training data."""
-        feats_all, w_all, e_all = [], [], []
-        dm_leaf = torch.from_numpy(np.ascontiguousarray(dms, dtype=np.float64))
-        with torch.no_grad():
-            for block in self._iter_blocks(mol, grids, max_memory):
-                nu = block.nu if block.nu is not None else self._nu(mol, block.coords)
-                _, feats, xc_parts = _features(block.ao, nu, dm_leaf)
-                f = self.network(feats.to(self.network_dtype)).to(torch.float64)
-                feats_all.append(feats)
-                w_all.append(block.weights)
-                e_all.append(xc_energy_density(f, xc_parts))
-        return torch.cat(feats_all).numpy(), torch.cat(w_all).numpy(), torch.cat(e_all).numpy()
 
     # --- grid blocks and integrals -------------------------------------------------------------------
     def _nu(self, mol, coords: np.ndarray) -> torch.Tensor:
