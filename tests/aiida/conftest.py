@@ -112,3 +112,29 @@ def retrieved_calc_node(aiida_localhost, tmp_path):
         return node
 
     return factory
+
+
+@pytest.fixture
+def run_h2_scf(python_code, checkpoint_node):
+    """``run_h2_scf(grid_level)``: a real in-process ``dm21.scf`` of H2/STO-3G with DM21; returns (results, node)."""
+    from aiida import orm
+    from aiida.engine import run_get_node
+
+    from aiida_dm21.calculations.scf import DM21ScfCalculation
+
+    def run(grid_level: int):
+        structure = orm.StructureData(pbc=(False, False, False))
+        for symbol, position in [('H', (0.0, 0.0, 0.0)), ('H', (0.0, 0.0, 0.74))]:
+            structure.append_atom(symbols=symbol, position=position)
+        results, node = run_get_node(
+            DM21ScfCalculation,
+            code=python_code,
+            structure=structure,
+            parameters=orm.Dict({'basis': 'sto-3g', 'grid_level': grid_level}),
+            checkpoint=checkpoint_node,
+            metadata={'options': {'max_wallclock_seconds': 600}},
+        )
+        assert node.is_finished_ok, (node.exit_status, node.exit_message)
+        return results, node
+
+    return run

@@ -18,15 +18,9 @@ import pytest
 
 pytest.importorskip('aiida.engine')
 
-from aiida import orm
-from aiida.engine import run_get_node
 from aiida.tools.archive import create_archive
 
-from aiida_dm21.calculations.scf import DM21ScfCalculation
-
 pytestmark = [pytest.mark.aiida, pytest.mark.slow]
-
-H2 = [('H', (0.0, 0.0, 0.0)), ('H', (0.0, 0.0, 0.74))]
 
 
 def _isolated_aiida_class():
@@ -36,19 +30,8 @@ def _isolated_aiida_class():
     return module.IsolatedAiida
 
 
-def test_archive_round_trip(tmp_path, python_code, checkpoint_node):
-    structure = orm.StructureData(pbc=(False, False, False))
-    for symbol, position in H2:
-        structure.append_atom(symbols=symbol, position=position)
-    results, node = run_get_node(
-        DM21ScfCalculation,
-        code=python_code,
-        structure=structure,
-        parameters=orm.Dict({'basis': 'sto-3g', 'grid_level': 1}),
-        checkpoint=checkpoint_node,
-        metadata={'options': {'max_wallclock_seconds': 600}},
-    )
-    assert node.is_finished_ok, (node.exit_status, node.exit_message)
+def test_archive_round_trip(tmp_path, run_h2_scf, checkpoint_node):
+    results, node = run_h2_scf(grid_level=1)
     archive = tmp_path / 'dm21-scf.aiida'
     create_archive([node], filename=archive)  # default rules: the inputs and the created outputs come along
 

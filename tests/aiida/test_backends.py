@@ -25,10 +25,6 @@ import pytest
 
 pytest.importorskip('aiida.engine')
 
-from aiida import orm
-from aiida.engine import run_get_node
-
-from aiida_dm21.calculations.scf import DM21ScfCalculation
 
 pytestmark = [pytest.mark.aiida, pytest.mark.slow]
 
@@ -89,22 +85,11 @@ def _check(result: dict, reference: float, storage: str, broker: str, logs: str)
 # --- (a) sqlite, no broker, in process -----------------------------------------------------------------------
 
 
-def test_sqlite_no_broker_run_in_process(aiida_profile, python_code, checkpoint_node, reference_energy):
+def test_sqlite_no_broker_run_in_process(aiida_profile, run_h2_scf, checkpoint_node, reference_energy):
     """The default of ``verdi presto`` without services: SQLite storage, ``engine.run`` in this process, no broker."""
     assert aiida_profile.storage_backend == 'core.sqlite_dos'
     assert aiida_profile.process_control_backend is None
-    structure = orm.StructureData(pbc=(False, False, False))
-    for symbol, position in H2:
-        structure.append_atom(symbols=symbol, position=position)
-    results, node = run_get_node(
-        DM21ScfCalculation,
-        code=python_code,
-        structure=structure,
-        parameters=orm.Dict({'basis': 'sto-3g', 'grid_level': 0}),
-        checkpoint=checkpoint_node,
-        metadata={'options': {'max_wallclock_seconds': 600}},
-    )
-    assert node.is_finished_ok, (node.exit_status, node.exit_message)
+    results, _ = run_h2_scf(grid_level=0)
     assert sorted(results) == ['output_density', 'output_parameters', 'remote_folder', 'retrieved']
     assert abs(results['output_parameters']['e_tot'] - reference_energy) < 1e-6
 
