@@ -25,25 +25,6 @@ if t.TYPE_CHECKING:
 
 __all__ = ('resolve_functional', 'resolve_structure', 'scf')
 
-BOHR = 0.52917721092  # Angstrom, as PySCF's param.BOHR
-
-
-def _structure_from_atoms(atoms: list[tuple[str, t.Sequence[float]]]) -> orm.StructureData:
-    """A non-periodic StructureData (positions in Angstrom) in a 20 Angstrom box."""
-    from aiida import orm
-
-    structure = orm.StructureData(pbc=(False, False, False), cell=[[20.0, 0, 0], [0, 20.0, 0], [0, 0, 20.0]])
-    for symbol, position in atoms:
-        structure.append_atom(position=[float(x) for x in position], symbols=symbol)
-    return structure
-
-
-def _atoms_from_pyscf(atom: str) -> list[tuple[str, list[float]]]:
-    """Symbols and positions (Angstrom) from a PySCF atom string."""
-    from pyscf import gto
-
-    return [(symbol, [x * BOHR for x in coords]) for symbol, coords in gto.format_atom(atom, unit='Angstrom')]
-
 
 def read_xyz(path: Path) -> list[tuple[str, list[float]]]:
     """Atoms of an xyz file: an optional count line and comment line, then ``symbol x y z`` (Angstrom).
@@ -82,15 +63,16 @@ def resolve_structure(spec: str) -> tuple[orm.StructureData, int | None]:
     """
     from aiida.common.exceptions import UnsupportedSpeciesError
 
+    from ..workflows.reference_data import structure_from_atom, structure_from_atoms
     from .main import MOLECULES
 
     if spec.lower() in MOLECULES:
         entry = MOLECULES[spec.lower()]
-        return _structure_from_atoms(_atoms_from_pyscf(entry['atom'])), entry['spin'] + 1
+        return structure_from_atom(entry['atom']), entry['spin'] + 1
     path = Path(spec)
     if path.is_file():
         try:
-            return _structure_from_atoms(read_xyz(path)), None
+            return structure_from_atoms(read_xyz(path)), None
         except UnsupportedSpeciesError as exc:
             raise click.ClickException(f'{path}: {exc}') from exc
     if spec.isdigit():

@@ -19,22 +19,27 @@ from aiida_dm21.data.dataset import DM21DatasetData
 from aiida_dm21.reference.integer import ReferenceInputError, frame_molecule
 from aiida_dm21.reference.sets import SPECIES_SETS
 
-__all__ = ('ReferenceDataWorkChain', 'link_label', 'structure_from_atom')
+__all__ = ('ReferenceDataWorkChain', 'link_label', 'structure_from_atom', 'structure_from_atoms')
+
+
+def structure_from_atoms(atoms) -> orm.StructureData:
+    """A non-periodic StructureData in a 20 Angstrom box from ``[(symbol, (x, y, z)), ...]`` in Angstrom."""
+    structure = orm.StructureData(pbc=(False, False, False), cell=[[20.0, 0, 0], [0, 20.0, 0], [0, 0, 20.0]])
+    for symbol, position in atoms:
+        structure.append_atom(position=[float(x) for x in position], symbols=symbol)
+    return structure
 
 
 def structure_from_atom(atom: str) -> orm.StructureData:
     """A non-periodic StructureData from a PySCF atom string (Angstrom)."""
     from pyscf import gto
+    from pyscf.data.nist import BOHR
 
     try:
-        atoms = gto.format_atom(atom, unit='Angstrom')
+        atoms = gto.format_atom(atom, unit='Angstrom')  # coordinates come back in Bohr
     except (RuntimeError, KeyError, ValueError) as exc:
         raise ReferenceInputError(f'cannot read the geometry {atom!r}: {exc}') from exc
-    bohr = 0.52917721092
-    structure = orm.StructureData(pbc=(False, False, False), cell=[[20.0, 0, 0], [0, 20.0, 0], [0, 0, 20.0]])
-    for symbol, coords in atoms:
-        structure.append_atom(position=[c * bohr for c in coords], symbols=symbol)
-    return structure
+    return structure_from_atoms([(symbol, [c * BOHR for c in coords]) for symbol, coords in atoms])
 
 
 def link_label(label: str) -> str:
