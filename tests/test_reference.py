@@ -125,3 +125,15 @@ def test_bad_input_is_refused():
         fractional_charge_systems(_calc('H+', 'H 0 0 0', 1, 0), h, deltas=(1.0,))
     with pytest.raises(ValueError, match='no spin polarisation'):
         fractional_spin_systems(he)
+
+
+def test_integer_result_save_load_roundtrip(tmp_path):
+    """What the runner writes (results.json + arrays.npz) reads back to the same result (IntegerResult.from_parts)."""
+    from aiida_dm21.reference.integer import IntegerResult
+
+    result = _calc('Li', 'Li 0 0 0', 0, 1, method='ccsd(t)')
+    result.save(tmp_path)
+    loaded = IntegerResult.load(tmp_path)
+    assert loaded.scalars() == result.scalars() and loaded.spec == result.spec
+    for name, array in result.arrays().items():
+        np.testing.assert_array_equal(loaded.arrays()[name], array)

@@ -9,30 +9,21 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import numpy as np
 from aiida import orm
 from aiida.engine import calcfunction
 
 from aiida_dm21.data.dataset import DM21DatasetData
 from aiida_dm21.reference.dataset import save_dataset
 from aiida_dm21.reference.fractional import fractional_charge_systems, fractional_spin_systems, integer_system
-from aiida_dm21.reference.integer import IntegerResult, IntegerSpec
+from aiida_dm21.reference.integer import ARRAY_NAMES, IntegerResult
 
 __all__ = ('build_fractional_dataset', 'integer_result_from_node')
 
 
 def integer_result_from_node(node: orm.ArrayData) -> IntegerResult:
     """The core :class:`IntegerResult` of a ``dm21.reference`` ``output_arrays`` node."""
-    spec = node.base.attributes.get('spec')
-    scalars = dict(node.base.attributes.get('scalars'))
-    base = ('e_ref', 'e_density_method', 'e_kinetic', 'e_nuclear_attraction', 'e_hartree', 'e_nuclear_repulsion')
-    return IntegerResult(
-        spec=IntegerSpec.from_dict(spec),
-        n_electrons=tuple(scalars['n_electrons']),
-        converged=bool(scalars['converged']),
-        **{k: float(scalars[k]) for k in base},
-        **{k: np.asarray(node.get_array(k)) for k in ('dm', 'mo_coeff', 'mo_occ', 'mo_energy', 'fock')},
-    )
+    arrays = {name: node.get_array(name) for name in ARRAY_NAMES}
+    return IntegerResult.from_parts(node.base.attributes.get('spec'), node.base.attributes.get('scalars'), arrays)
 
 
 @calcfunction

@@ -10,6 +10,7 @@ import numpy as np
 from aiida import orm
 from aiida.parsers import Parser
 
+from aiida_dm21.reference.integer import ARRAY_NAMES
 from aiida_dm21.runner.reference import ARRAYS_FILE, RESULTS_FILE
 
 __all__ = ('DM21ReferenceParser',)
@@ -39,7 +40,7 @@ class DM21ReferenceParser(Parser):
         try:
             raw = retrieved.base.repository.get_object_content(ARRAYS_FILE, mode='rb')
             with np.load(io.BytesIO(raw), allow_pickle=False) as data:
-                arrays = {k: np.asarray(data[k]) for k in ('dm', 'mo_coeff', 'mo_occ', 'mo_energy', 'fock')}
+                arrays = {k: np.asarray(data[k]) for k in ARRAY_NAMES}
         except (OSError, ValueError, KeyError, EOFError) as exc:
             return self.exit_codes.ERROR_UNREADABLE_RESULTS.format(detail=f'arrays.npz: {exc}')
         energy = scalars.get('e_ref')

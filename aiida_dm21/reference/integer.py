@@ -34,6 +34,8 @@ __all__ = [
 
 REFERENCE_METHODS = ('fci', 'ccsd(t)', 'ccsd', 'hf', 'user')
 FCI_MAX_ELECTRONS = 4
+#: The arrays of an :class:`IntegerResult` (files, AiiDA ArrayData): density, orbitals, occupations, energies, Fock.
+ARRAY_NAMES = ('dm', 'mo_coeff', 'mo_occ', 'mo_energy', 'fock')
 
 
 class ReferenceInputError(ValueError):
@@ -111,13 +113,7 @@ class IntegerResult:
         }
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {
-            'dm': self.dm,
-            'mo_coeff': self.mo_coeff,
-            'mo_occ': self.mo_occ,
-            'mo_energy': self.mo_energy,
-            'fock': self.fock,
-        }
+        return {name: getattr(self, name) for name in ARRAY_NAMES}
 
     def save(self, folder: str | Path) -> None:
         """``results.json`` + ``arrays.npz`` (no pickle) in ``folder``."""
@@ -128,30 +124,26 @@ class IntegerResult:
         (folder / 'results.json').write_text(json.dumps(payload, indent=2))
 
     @classmethod
+    def from_parts(cls, spec: dict, scalars: dict, arrays: dict[str, np.ndarray]) -> IntegerResult:
+        """Rebuild a result from :meth:`scalars`, the spec dict and :meth:`arrays` (files or AiiDA nodes)."""
+        base = ('e_ref', 'e_density_method', 'e_kinetic', 'e_nuclear_attraction', 'e_hartree', 'e_nuclear_repulsion')
+        derived = {'label', 'e_non_xc', 'e_xc_target', 'reference_method', 'density_method'}
+        return cls(
+            spec=IntegerSpec.from_dict(spec),
+            n_electrons=tuple(int(n) for n in scalars['n_electrons']),
+            converged=bool(scalars['converged']),
+            extra={k: v for k, v in scalars.items() if k not in {*base, 'n_electrons', 'converged'} | derived},
+            **{k: float(scalars[k]) for k in base},
+            **{k: np.asarray(arrays[k]) for k in ARRAY_NAMES},
+        )
+
+    @classmethod
     def load(cls, folder: str | Path) -> IntegerResult:
         folder = Path(folder)
         payload = json.loads((folder / 'results.json').read_text())
         with np.load(folder / 'arrays.npz', allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-        s = payload['scalars']
-        base = {
-            'n_electrons',
-            'e_ref',
-            'e_density_method',
-            'e_kinetic',
-            'e_nuclear_attraction',
-            'e_hartree',
-            'e_nuclear_repulsion',
-            'converged',
-        }
-        derived = {'label', 'e_non_xc', 'e_xc_target', 'reference_method', 'density_method'}
-        return cls(
-            spec=IntegerSpec.from_dict(payload['spec']),
-            n_electrons=tuple(s['n_electrons']),
-            extra={k: v for k, v in s.items() if k not in base | derived},
-            **{k: s[k] for k in base - {'n_electrons'}},
-            **arrays,
-        )
+        return cls.from_parts(payload['spec'], payload['scalars'], arrays)
 
 
 def build_molecule(atom: str, basis: str, charge: int = 0, spin: int = 0) -> gto.Mole:
