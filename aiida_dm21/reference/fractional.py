@@ -22,7 +22,7 @@ import dataclasses
 import numpy as np
 import scipy.linalg
 
-from .integer import IntegerResult, build_molecule, frame_molecule, non_xc_energy
+from .integer import IntegerResult, build_molecule, coulomb_matrix, frame_molecule, non_xc_energy
 
 __all__ = [
     'TrainingSystem',
@@ -92,14 +92,11 @@ def natural_orbitals(s: np.ndarray, dm: np.ndarray, fock: np.ndarray, tol: float
 
 def _system(kind, label, atom, basis, delta, e_ref, dm, fock, sources) -> TrainingSystem:
     mol = frame_molecule(atom, basis)
-    terms = non_xc_energy(mol, dm)
-    e_non_xc = sum(terms.values())
+    dm_total = dm[0] + dm[1]
+    vj = coulomb_matrix(mol, dm_total)  # once: for the Hartree energy and for the regulariser's Fock matrix
+    e_non_xc = sum(non_xc_energy(mol, dm, vj).values())
     s = mol.intor('int1e_ovlp')
     coeffs, occs, energies = zip(*(natural_orbitals(s, dm[k], fock[k]) for k in range(2)), strict=True)
-    dm_total = dm[0] + dm[1]
-    from pyscf import scf
-
-    vj = scf.hf.get_jk(mol, dm_total, with_k=False)[0] if np.any(dm_total) else np.zeros_like(dm_total)
     return TrainingSystem(
         kind=kind,
         label=label,

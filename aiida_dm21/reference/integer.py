@@ -27,6 +27,7 @@ __all__ = [
     'IntegerSpec',
     'ReferenceInputError',
     'build_molecule',
+    'coulomb_matrix',
     'frame_molecule',
     'non_xc_energy',
     'run_integer_system',
@@ -166,10 +167,19 @@ def frame_molecule(atom: str, basis: str) -> gto.Mole:
     return build_molecule(atom, basis, 0, nuclear_charge % 2)
 
 
-def non_xc_energy(mol: gto.Mole, dm: np.ndarray) -> dict[str, float]:
-    """Kinetic, nuclear attraction, Hartree and nuclear repulsion energies of spin density matrices (2, nao, nao)."""
+def coulomb_matrix(mol: gto.Mole, dm_total: np.ndarray) -> np.ndarray:
+    """J[D] of a total density matrix (zero for a system without electrons)."""
+    return scf.hf.get_jk(mol, dm_total, with_k=False)[0] if np.any(dm_total) else np.zeros_like(dm_total)
+
+
+def non_xc_energy(mol: gto.Mole, dm: np.ndarray, vj: np.ndarray | None = None) -> dict[str, float]:
+    """Kinetic, nuclear attraction, Hartree and nuclear repulsion energies of spin density matrices (2, nao, nao).
+
+    ``vj``: J of the total density if the caller already has it.
+    """
     dm_total = dm[0] + dm[1]
-    vj = scf.hf.get_jk(mol, dm_total, with_k=False)[0] if np.any(dm_total) else np.zeros_like(dm_total)
+    if vj is None:
+        vj = coulomb_matrix(mol, dm_total)
     return {
         'e_kinetic': float(np.einsum('ij,ji', mol.intor('int1e_kin'), dm_total)),
         'e_nuclear_attraction': float(np.einsum('ij,ji', mol.intor('int1e_nuc'), dm_total)),
