@@ -123,6 +123,22 @@ class _DM21Mixin:
             return b3lyp_guess(self)
         return super().get_init_guess(mol, key, **kwargs)
 
+    def _dm21_veff(self, mol, dm, hermi: int, unrestricted: bool):
+        """J (PySCF) + the DM21 XC potential, tagged as PySCF's KS code expects (ecoul, exc, vj, vk=None)."""
+        mol = mol or self.mol
+        dm = np.asarray(self.make_rdm1() if dm is None else dm)
+        if unrestricted and dm.ndim == 2:
+            dm = np.stack([dm * 0.5, dm * 0.5])
+        self._grids_ready(mol, dm)
+        max_memory = self.max_memory - lib.current_memory()[0]
+        evaluate = self._numint.nr_uks if unrestricted else self._numint.nr_rks
+        n, exc, vxc = evaluate(mol, self.grids, self.xc, dm, max_memory=max_memory)
+        logger.debug(self, 'nelec by numeric integration = %s', n)
+        dm_total = dm[0] + dm[1] if unrestricted else dm
+        vj = self.get_j(mol, dm_total, hermi)
+        ecoul = np.einsum('ij,ji', dm_total, vj).real * 0.5
+        return lib.tag_array(vxc + vj, ecoul=ecoul, exc=exc, vj=vj, vk=None)
+
     def _grids_ready(self, mol, dm):
         # PySCF's initialize_grids asks libxc about ``xc``; build the grid ourselves instead.
         if self.grids.coords is None:
@@ -171,34 +187,12 @@ class DM21RKS(_DM21Mixin, dft.rks.RKS):
         self._setup_dm21(functional, network_dtype or _default_dtype())
 
     def get_veff(self, mol=None, dm=None, dm_last=0, vhf_last=0, hermi=1):
-        mol = mol or self.mol
-        if dm is None:
-            dm = self.make_rdm1()
-        self._grids_ready(mol, dm)
-        dm = np.asarray(dm)
-        max_memory = self.max_memory - lib.current_memory()[0]
-        n, exc, vxc = self._numint.nr_rks(mol, self.grids, self.xc, dm, max_memory=max_memory)
-        logger.debug(self, 'nelec by numeric integration = %s', n)
-        vj = self.get_j(mol, dm, hermi)
-        ecoul = np.einsum('ij,ji', dm, vj).real * 0.5
-        return lib.tag_array(vxc + vj, ecoul=ecoul, exc=exc, vj=vj, vk=None)
+        return self._dm21_veff(mol, dm, hermi, unrestricted=False)
 
 
 class _UnrestrictedVeff:
     def get_veff(self, mol=None, dm=None, dm_last=0, vhf_last=0, hermi=1):
-        mol = mol or self.mol
-        if dm is None:
-            dm = self.make_rdm1()
-        dm = np.asarray(dm)
-        if dm.ndim == 2:
-            dm = np.stack([dm * 0.5, dm * 0.5])
-        self._grids_ready(mol, dm)
-        max_memory = self.max_memory - lib.current_memory()[0]
-        n, exc, vxc = self._numint.nr_uks(mol, self.grids, self.xc, dm, max_memory=max_memory)
-        logger.debug(self, 'nelec by numeric integration = %s', n)
-        vj = self.get_j(mol, dm[0] + dm[1], hermi)
-        ecoul = np.einsum('ij,ji', dm[0] + dm[1], vj).real * 0.5
-        return lib.tag_array(vxc + vj, ecoul=ecoul, exc=exc, vj=vj, vk=None)
+        return self._dm21_veff(mol, dm, hermi, unrestricted=True)
 
 
 class DM21UKS(_DM21Mixin, _UnrestrictedVeff, dft.uks.UKS):
