@@ -113,7 +113,12 @@ class DM21Network(nn.Module):
         (``tests/test_model.py``).
         """
         c = self.config
-        layers = [(block.linear.weight, block.linear.bias, block.norm) for block in self.blocks]
+        eye = torch.eye(c.hidden, dtype=features.dtype)
+        # the forward pass adds the skip connection separately (as the published graph does: folding it into
+        # W + I would round W's diagonal in float32); the backward pass uses g (W + I)
+        layers = [
+            (block.linear.weight, block.linear.weight + eye, block.linear.bias, block.norm) for block in self.blocks
+        ]
         f_out = torch.empty(features.shape[0], c.n_outputs, dtype=features.dtype)
         g_out = torch.empty_like(features)
         shape = (c.hidden,)
@@ -122,7 +127,7 @@ class DM21Network(nn.Module):
             denom = x.abs().add_(c.abs_offset + c.log_offset)
             h = torch.addmm(self.input_layer.bias, torch.log(denom), self.input_layer.weight.t()).tanh_()
             saved = [h]
-            for weight, bias, norm in layers:
+            for weight, _, bias, norm in layers:
                 z = torch.addmm(bias, h, weight.t()).add_(h)
                 y, mean, rstd = torch.native_layer_norm(z, shape, norm.weight, norm.bias, c.layer_norm_eps)
                 h = torch.nn.functional.elu(y, inplace=True)
@@ -134,14 +139,15 @@ class DM21Network(nn.Module):
             s = f * 0.5
             g = grad_output[start : start + chunk] * s * (1.0 - s)
             g_h = g @ self.output_layer.weight
-            for (weight, _, norm), (z, mean, rstd, h) in zip(reversed(layers), reversed(saved[1:]), strict=True):
+            for (_, weight_skip, _, norm), (z, mean, rstd, h) in zip(
+                reversed(layers), reversed(saved[1:]), strict=True
+            ):
                 g_y = torch.ops.aten.elu_backward(g_h, 1.0, 1.0, 1.0, True, h)
                 g_z = torch.ops.aten.native_layer_norm_backward(
                     g_y, z, shape, mean, rstd, norm.weight, norm.bias, [True, False, False]
                 )[0]
-                g_h = torch.addmm(g_z, g_z, weight)  # the skip connection passes g_z through
-            h0 = saved[0]
-            g_pre = g_h.mul_(1.0 - h0 * h0)
+                g_h = g_z @ weight_skip  # the skip connection passes g_z through
+            g_pre = torch.ops.aten.tanh_backward(g_h, saved[0])
             g_out[start : start + chunk] = (g_pre @ self.input_layer.weight).div_(denom).mul_(torch.sign(x))
         return f_out, g_out
 

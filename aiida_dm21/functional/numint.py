@@ -195,7 +195,9 @@ class DM21NumInt(pyscf_numint.NumInt):
         for omega in self.omegas:
             with mol.with_range_coulomb(omega):
                 out.append(mol.intor('int1e_grids', hermi=1, grids=coords))
-        return torch.from_numpy(np.stack(out))
+        # PySCF returns the grid index fastest; every SCF iteration contracts over the AO indices, so store
+        # (omega, g, b, d) contiguous once instead of letting each contraction copy the whole array again
+        return torch.from_numpy(np.ascontiguousarray(np.stack(out)))
 
     def _iter_blocks(self, mol, grids, max_memory: float) -> Iterator[_Block]:
         key = (id(mol), mol.nao, id(grids.coords), len(grids.weights), self.omegas)
@@ -244,6 +246,28 @@ def _single_dm(dms, ndim: int):
     return dms
 
 
+class _LocalExchange(torch.autograd.Function):
+    """e_hf[s, w, g] = -1/2 sum_bd E_sb(g) nu_wbd(g) E_sd(g), with its gradient -(nu E)_b from the forward pass.
+
+    nu is symmetric in (b, d), so d e_hf / d E_b = -(nu E)_b: the backward pass reuses the product already
+    formed in the forward pass instead of reading the (n_omega, g, nao, nao) integrals a second time,
+    which is what generic autograd through an einsum would do.  No gradient flows to nu (a constant).
+    """
+
+    @staticmethod
+    def forward(ctx, nu: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        xs = x.detach().permute(1, 2, 0).contiguous()  # (g, nao, ns)
+        nu_x = torch.matmul(nu, xs.unsqueeze(0))  # (n_omega, g, nao, ns)
+        ctx.save_for_backward(nu_x)
+        return (-0.5 * (nu_x * xs.unsqueeze(0)).sum(2)).permute(2, 0, 1)  # (ns, n_omega, g)
+
+    @staticmethod
+    def backward(ctx, grad_hfx: torch.Tensor):
+        (nu_x,) = ctx.saved_tensors
+        grad_x = -(nu_x * grad_hfx.permute(1, 2, 0).unsqueeze(2)).sum(0)  # (g, nao, ns)
+        return None, grad_x.permute(2, 0, 1)
+
+
 def _features(ao: torch.Tensor, nu: torch.Tensor, dm: torch.Tensor):
     """Features from AO values ``(4, g, nao)``, nu ``(n_omega, g, nao, nao)`` and spin DMs ``(ns, nao, nao)``.
 
@@ -256,8 +280,7 @@ def _features(ao: torch.Tensor, nu: torch.Tensor, dm: torch.Tensor):
     rho = (x * ao0).sum(-1)  # (ns, g)
     grad = 2.0 * (x.unsqueeze(1) * ao1).sum(-1)  # (ns, 3, g)
     tau = 0.5 * (torch.matmul(ao1, dm.unsqueeze(1)) * ao1).sum(-1).sum(1)  # (ns, g)
-    fxx = torch.einsum('wgbd,sgd->swgb', nu, x)  # (ns, n_omega, g, nao)
-    hfx = -0.5 * (x.unsqueeze(1) * fxx).sum(-1)  # (ns, n_omega, g)
+    hfx = _LocalExchange.apply(nu, x)  # (ns, n_omega, g)
     if rho.shape[0] == 1:  # restricted: both channels from D/2
         rho = rho.expand(2, -1)
         grad = grad.expand(2, -1, -1)
