@@ -9,17 +9,25 @@ from pathlib import Path
 import pytest
 from pyscf import gto
 
+from aiida_dm21.functional import atoms
 from aiida_dm21.functional.scf import DM21RKS, DM21UKS, KS
 
 TOLERANCE = 1e-5  # Ha, from the issue; observed |error| <= 1e-6 for Ne, H, H2, H2O and the CH3 radical
-# Open-shell atoms with a partly filled p shell (C 2p2, O 2p4; UKS) have several SCF solutions that differ by the
-# orientation (and s-p mixing) of the open p orbitals relative to the grid, which is not rotation-invariant; which
-# one an SCF reaches depends on numerical noise along its path (B3LYP guess, DIIS), in DeepMind's run as in ours,
-# and differs between PySCF versions.  Measured (|E - DeepMind|, Ha):
-#   C/STO-3G: PySCF 2.14 <= 7.5e-7 for all four; PySCF 2.3.0 DM21 2.6e-5, DM21m 1.4e-5, DM21mc < 1e-5, DM21mu 9.1e-5
-#   O/cc-pVDZ (2.14, several starts): DM21 <= 1e-6, DM21mc 3e-6..1.6e-5, DM21m 1.4e-5..7.7e-5, DM21mu 1.6e-5..5.4e-5
-# These records get 2e-4 (the spread of the solution manifold), every other record 1e-5.  See docs/core.md.
-PATH_DEPENDENT_TOLERANCE = {'O_trip': 2e-4, 'C_sto3g': 2e-4}
+
+# Open-shell atoms with a partly filled p shell (C 2p2, O 2p4; UKS) have a continuum of SCF solutions that
+# differ by the orientation of the open shell relative to the grid (not rotation-invariant): DM21 energies
+# spread over ~1e-4 Ha, and where an SCF stops depends on noise along its path (aiida_dm21.functional.atoms).
+# DeepMind's runs started from two different kinds of B3LYP state, told apart by their own e_b3lyp_same_grid:
+#   C/STO-3G (all four): the symmetric state, open shell along a grid axis (B3LYP within 3e-8 Ha of it);
+#   O/cc-pVDZ DM21m, DM21mc, DM21mu: the lowest B3LYP state over all orientations (within 2e-8 Ha of it).
+# Started from the same state, every one of these seven records is reproduced within TOLERANCE.
+OPEN_SHELL_START = {'C_sto3g': (0.0, 0.0, 1.0), 'O_trip': 'lowest'}
+START_B3LYP_TOLERANCE = 1e-7  # Ha: our starting state's B3LYP energy vs the record's e_b3lyp_same_grid
+# O/cc-pVDZ DM21 is the exception: DeepMind's B3LYP start for that run (-75.0390413959) is 9e-7 above the
+# lowest state and matches no state that can be named (neither symmetric nor lowest): the run stopped
+# part-way along the flat orientation valley.  From the lowest state we get +2.2e-5 Ha; the test checks the
+# premise (a different start) and allows the measured spread.
+UNIDENTIFIED_START = {('O_trip', 'DM21'): 3e-5}
 
 REFERENCE_ENERGIES = Path(__file__).resolve().parents[2] / 'shared' / 'dm21' / 'reference_energies.json'
 RECORDS = json.loads(REFERENCE_ENERGIES.read_text())['records'] if REFERENCE_ENERGIES.is_file() else []
@@ -30,6 +38,22 @@ def _param(record):
     if record['nao'] >= 14:
         marks.append(pytest.mark.slow)
     return pytest.param(record, id=f'{record["system"]}-{record["functional"]}', marks=marks)
+
+
+_START_CACHE: dict[str, tuple] = {}
+
+
+def _open_shell_start(record, mf):
+    """(dm, e_b3lyp) of the documented starting state for an open-shell atom record (computed once per system)."""
+    system = record['system']
+    if system not in _START_CACHE:
+        choice = OPEN_SHELL_START[system]
+        if choice == 'lowest':
+            scan = atoms.lowest_guess(mf)
+            _START_CACHE[system] = (scan.dm, scan.energy)
+        else:
+            _START_CACHE[system] = atoms.oriented_guess(mf, choice)
+    return _START_CACHE[system]
 
 
 @pytest.mark.skipif(not RECORDS, reason='reference_energies.json not found in ../shared')
@@ -50,8 +74,18 @@ def test_reference_energy(record, upstream_dir):
     mf.conv_tol_grad = record['conv_tol_grad']
     mf.small_rho_cutoff = record['small_rho_cutoff']
     assert record['dm0'] == 'B3LYP' and mf.init_guess == 'b3lyp'
-    energy = mf.kernel()
+    tolerance = TOLERANCE
+    if record['system'] in OPEN_SHELL_START:
+        dm0, e_start = _open_shell_start(record, mf)
+        key = (record['system'], record['functional'])
+        if key in UNIDENTIFIED_START:
+            assert abs(e_start - record['e_b3lyp_same_grid']) > 5e-7, 'the record now matches the documented start'
+            tolerance = UNIDENTIFIED_START[key]
+        else:
+            assert abs(e_start - record['e_b3lyp_same_grid']) < START_B3LYP_TOLERANCE, 'not the state DeepMind used'
+        energy = mf.kernel(dm0=dm0)
+    else:
+        energy = mf.kernel()
     assert mf.converged
     assert len(mf.grids.weights) == record['ngrid'], 'not the grid DeepMind used'
-    tolerance = PATH_DEPENDENT_TOLERANCE.get(record['system'], TOLERANCE)
     assert abs(energy - record['e_tot']) < tolerance, f'{energy} vs {record["e_tot"]}'

@@ -16,6 +16,10 @@ attribute           default     why
 ``small_rho_cutoff``1e-20       keep every grid point (DM21 was trained on unpruned grids)
 ``grids.level``     3           PySCF's default
 ``grids.radi_method``           Treutler-Ahlrichs with xi = 1 (PySCF <= 2.6 grids, DeepMind's)
+``open_shell_direction`` None   open-shell atoms (UKS/ROKS) only: ``'lowest'`` starts from the lowest
+                                B3LYP state over the orientations of the open shell, a 3-vector
+                                from the open shell along that direction; None: wherever PySCF's
+                                B3LYP lands (path-dependent: see :mod:`.atoms`)
 ==================  ==========  ==========================================================
 """
 
@@ -31,11 +35,12 @@ from pyscf.dft import roks as pyscf_roks
 from pyscf.dft import uks as pyscf_uks
 from pyscf.lib import logger
 
+from . import atoms
 from .checkpoint import load_network
 from .model import DM21Network
 from .numint import DM21NumInt, check_supported_molecule
 
-__all__ = ['KS', 'RKS', 'ROKS', 'UKS', 'b3lyp_guess']
+__all__ = ['KS', 'RKS', 'ROKS', 'UKS', 'b3lyp_guess', 'b3lyp_solver']
 
 FunctionalSpec = str | Path | DM21Network
 
@@ -57,9 +62,13 @@ def treutler_ahlrichs_original(n, *args, **kwargs):
         radi.ATOM_SPECIFIC_TREUTLER_GRIDS = flag
 
 
-def b3lyp_guess(mf) -> np.ndarray:
-    """Converged B3LYP (VWN5 flavour, as DeepMind's code used) density matrix on ``mf``'s grid settings."""
-    mol = mf.mol
+def b3lyp_solver(mf, mol=None):
+    """An unconverged B3LYP (VWN5 flavour, as DeepMind's code used) SCF of ``mf``'s kind and grid settings.
+
+    ``mol`` (default ``mf.mol``) may differ from ``mf.mol`` in its symmetry setting: PySCF < 2.5 picks the
+    symmetry-adapted class when the SCF object is made, so the molecule is passed here, not set later.
+    """
+    mol = mf.mol if mol is None else mol
     if isinstance(mf, pyscf_roks.ROKS):
         guess = dft.ROKS(mol)
     elif isinstance(mf, pyscf_uks.UKS):
@@ -74,6 +83,12 @@ def b3lyp_guess(mf) -> np.ndarray:
     guess.small_rho_cutoff = mf.small_rho_cutoff
     guess.max_memory = mf.max_memory
     guess.verbose = min(mf.verbose, logger.NOTE) - 1 if mf.verbose > 0 else 0
+    return guess
+
+
+def b3lyp_guess(mf) -> np.ndarray:
+    """Converged B3LYP (VWN5 flavour, as DeepMind's code used) density matrix on ``mf``'s grid settings."""
+    guess = b3lyp_solver(mf)
     guess.kernel()
     logger.info(mf, 'B3LYP initial guess: E = %.10f (converged=%s)', guess.e_tot, guess.converged)
     return guess.make_rdm1()
@@ -82,7 +97,7 @@ def b3lyp_guess(mf) -> np.ndarray:
 class _DM21Mixin:
     """What the DM21 SCF classes add to PySCF's KS classes."""
 
-    _keys: ClassVar[set[str]] = {'functional', 'network', 'checkpoint_metadata'}
+    _keys: ClassVar[set[str]] = {'functional', 'network', 'checkpoint_metadata', 'open_shell_direction'}
 
     def _setup_dm21(self, functional: FunctionalSpec, network_dtype) -> None:
         check_supported_molecule(self.mol)
@@ -96,6 +111,7 @@ class _DM21Mixin:
         self._numint = DM21NumInt(network, network_dtype=network_dtype)
         self.xc = self.functional  # for display only: get_veff below never hands xc to libxc
         self.init_guess = 'b3lyp'
+        self.open_shell_direction = None
         self.conv_tol = 1e-6
         self.conv_tol_grad = 1e-3
         self.small_rho_cutoff = 1e-20
@@ -120,7 +136,14 @@ class _DM21Mixin:
 
     def get_init_guess(self, mol=None, key='minao', **kwargs):
         if isinstance(key, str) and key.lower() == 'b3lyp':
-            return b3lyp_guess(self)
+            direction = self.open_shell_direction
+            if direction is None or not atoms.is_open_shell_atom(self.mol):
+                return b3lyp_guess(self)
+            if isinstance(direction, str):
+                if direction != 'lowest':
+                    raise ValueError(f"open_shell_direction must be None, 'lowest' or 3 numbers, not {direction!r}")
+                return atoms.lowest_guess(self).dm
+            return atoms.oriented_guess(self, direction)[0]
         return super().get_init_guess(mol, key, **kwargs)
 
     def _dm21_veff(self, mol, dm, hermi: int, unrestricted: bool):
