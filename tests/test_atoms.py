@@ -108,3 +108,19 @@ def test_lowest_guess_is_the_minimum_of_its_scan(carbon):
     assert scan.spread >= 0.0
     # every state in the scan is a C triplet B3LYP state within the grid's orientation spread
     assert scan.spread < 1e-5
+
+
+def test_runner_passes_open_shell_direction(carbon, tmp_path):
+    from aiida_dm21.functional.checkpoint import save_checkpoint
+    from aiida_dm21.runner.scf import RunnerError, make_scf
+
+    checkpoint = tmp_path / 'checkpoint.safetensors'
+    save_checkpoint(checkpoint, DM21Network())
+    base = {'scf_type': 'auto'}
+    assert make_scf(carbon, base, checkpoint)[0].open_shell_direction is None
+    mf, _ = make_scf(carbon, {**base, 'open_shell_direction': 'lowest'}, checkpoint)
+    assert mf.open_shell_direction == 'lowest'
+    mf, scf_type = make_scf(carbon, {**base, 'open_shell_direction': [0, 0, 1]}, checkpoint)
+    assert scf_type == 'UKS' and mf.open_shell_direction == (0.0, 0.0, 1.0)
+    with pytest.raises(RunnerError, match='open_shell_direction'):
+        make_scf(carbon, {**base, 'open_shell_direction': 'up'}, checkpoint)

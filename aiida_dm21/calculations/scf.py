@@ -99,6 +99,15 @@ def _between(low: float, high: float, *, high_open: bool = False) -> t.Callable[
     return check
 
 
+def _direction(value: t.Any) -> str | None:
+    if value == 'lowest':
+        return None
+    numbers = isinstance(value, list) and len(value) == 3 and all(isinstance(x, (int, float)) for x in value)
+    if numbers and any(x != 0 for x in value):
+        return None
+    return f"{value!r} is neither 'lowest' nor a non-zero 3-vector [x, y, z]"
+
+
 def _non_empty(value: t.Any) -> str | None:
     return None if value.strip() else 'must not be empty'
 
@@ -117,6 +126,13 @@ PARAMETERS: dict[str, Parameter] = {
     'max_cycle': Parameter((int,), 50, 'maximum number of SCF cycles', _at_least(1)),
     'init_guess': Parameter(
         (str,), 'b3lyp', 'initial density: b3lyp (converged B3LYP), minao, atom, huckel or 1e', _one_of(INIT_GUESSES)
+    ),
+    'open_shell_direction': Parameter(
+        (str, list),
+        None,
+        "open-shell atoms only: start from the lowest B3LYP state over orientations of the open shell ('lowest') "
+        'or with it along [x, y, z]; unset: wherever B3LYP lands (path-dependent, see docs/core.md)',
+        _direction,
     ),
     'level_shift': Parameter((float, int), 0.0, 'virtual orbital level shift (Ha)', _at_least(0)),
     'damp': Parameter(

@@ -17,6 +17,7 @@ key                    meaning
 ``conv_tol_grad``      orbital-gradient convergence
 ``max_cycle``          maximum number of SCF cycles
 ``init_guess``         ``b3lyp`` (converged B3LYP density) or a PySCF guess
+``open_shell_direction`` optional, open-shell atoms: ``"lowest"`` or ``[x, y, z]`` (see functional.atoms)
 ``level_shift``        level shift (Ha)
 ``damp``               Fock damping factor for the first 3 cycles (DIIS starts at cycle 4)
 ``newton``             second-order (Newton) solver, Coulomb-only approximate Hessian
@@ -187,6 +188,11 @@ def make_scf(mol, data: dict[str, Any], checkpoint: Path):
         mf.max_cycle = int(data['max_cycle'])
     if data.get('init_guess') is not None:
         mf.init_guess = data['init_guess']
+    direction = data.get('open_shell_direction')
+    if direction is not None:
+        if direction != 'lowest' and not (isinstance(direction, list) and len(direction) == 3):
+            raise RunnerError('unsupported_input', f"open_shell_direction {direction!r}: 'lowest' or [x, y, z]")
+        mf.open_shell_direction = direction if direction == 'lowest' else tuple(float(x) for x in direction)
     if data.get('level_shift'):
         mf.level_shift = float(data['level_shift'])
     if data.get('damp'):

@@ -205,6 +205,8 @@ def test_alloy_refused(inputs, count_nodes):
         (H2, {'init_guess': 'chk'}, "'chk' is not one of"),
         (H2, {'damp': 1.0}, 'outside'),
         (H2, {'newton': 'yes'}, '`newton` must be bool'),
+        (H2, {'open_shell_direction': 'up'}, "neither 'lowest' nor a non-zero 3-vector"),
+        (H2, {'open_shell_direction': [0, 0, 0]}, "neither 'lowest' nor a non-zero 3-vector"),
         (H2, {'basis': 'no-such-basis'}, "basis 'no-such-basis' cannot be used"),
     ],
 )
@@ -235,6 +237,8 @@ def test_bad_restart_density_refused(inputs, count_nodes, array, match):
 def test_validate_parameters_direct():
     assert validate_parameters({'basis': 'sto-3g'}) is None
     assert validate_parameters({'basis': 'sto-3g', 'conv_tol': 1e-8, 'newton': True, 'level_shift': 0.2}) is None
+    assert validate_parameters({'basis': 'sto-3g', 'open_shell_direction': 'lowest'}) is None
+    assert validate_parameters({'basis': 'sto-3g', 'open_shell_direction': [0, 0.5, 1]}) is None
     message = validate_parameters({'basis': 'sto-3g', 'a': 1, 'b': 2})
     assert "'a', 'b'" in message
     assert 'accepted: basis, charge' in message
