@@ -133,7 +133,7 @@ def symmetric_guess(mf, conv_tol: float = 1e-10) -> tuple[np.ndarray, float]:
     """
     mol = mf.mol.copy()
     mol.symmetry = 'D2h'
-    mol.build(verbose=0)
+    mol.build(dump_input=False, parse_arg=False)
     solver = _b3lyp_of(mf, mol)
     solver.conv_tol = conv_tol
     solver.kernel()
