@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from aiida_dm21.functional import checkpoint as ck
+from aiida_dm21.functional import model as model_module
 from aiida_dm21.functional.model import FEATURE_NAMES, LDA_X_FACTOR, DM21Config, DM21Network
 
 pytestmark = pytest.mark.core
@@ -149,7 +151,8 @@ def test_fetch_from_file_mirror_checks_hashes(upstream_dir, tmp_path):
         ck.fetch_deepmind(['B3LYP'], source=str(mirror), dest_dir=tmp_path / 'w3')
 
 
-def test_hand_written_input_gradient_equals_autograd(upstream_dir):
+def test_hand_written_input_gradient_equals_autograd(upstream_dir, monkeypatch):
+    monkeypatch.setattr(model_module, '_ONEDNN', False)  # the same GEMM as autograd: agreement to rounding
     net, _ = ck.load_network(upstream_dir / 'DM21')
     net.requires_grad_(False)
     torch.manual_seed(0)
@@ -161,3 +164,30 @@ def test_hand_written_input_gradient_equals_autograd(upstream_dir):
     f2, grad2 = net.forward_with_input_grad(x, g, chunk=1000)
     torch.testing.assert_close(f2, f.detach(), rtol=0, atol=2e-7)  # matmul blocking: 1 ulp
     torch.testing.assert_close(grad2, grad, rtol=1e-5, atol=1e-6 * float(grad.abs().max()))
+
+
+@pytest.mark.parametrize('onednn', [False, True], ids=['addmm', 'onednn'])
+def test_network_pass_is_float32_accurate_with_either_backend(upstream_dir, monkeypatch, onednn):
+    """Against the same network in float64, both matmul back ends err alike (different GEMMs round differently)."""
+    if onednn:
+        monkeypatch.setattr(model_module, '_ONEDNN', None)  # probe afresh
+        if model_module.linear_backend() != 'onednn':
+            pytest.skip('oneDNN linear is not available in this PyTorch build')
+    monkeypatch.setattr(model_module, '_ONEDNN', onednn)
+    net, _ = ck.load_network(upstream_dir / 'DM21')
+    net.requires_grad_(False)
+    net64 = copy.deepcopy(net).double()
+    torch.manual_seed(0)
+    x = (torch.rand(5000, 11) * 2 - 0.3) ** 3
+    g = torch.rand(5000, 3)
+    f64, g64 = net64.forward_with_input_grad(x.double(), g.double())
+    f, grad = net.forward_with_input_grad(x, g)
+    error = (f.double() - f64).abs()
+    assert error.max() < 2e-6 and error.mean() < 1e-7  # f in (0, 2): float32 ulp 1.2e-7 … 2.4e-7
+    assert (grad.double() - g64).abs().max() < 5e-6 * g64.abs().max()
+
+
+def test_onednn_switch(monkeypatch):
+    monkeypatch.setattr(model_module, '_ONEDNN', None)
+    monkeypatch.setenv('AIIDA_DM21_ONEDNN', '0')
+    assert model_module.linear_backend() == 'addmm'

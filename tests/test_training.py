@@ -52,7 +52,9 @@ def test_training_energy_and_potential_match_the_scf_path(systems, dm21m):
     grids.radi_method = treutler_ahlrichs_original
     grids.build()
     _, exc, vxc = DM21NumInt(net).nr_uks(mol, grids, '', system.dm)
-    assert abs(float(energy) - exc) < 1e-9
+    # the float32 network runs on different GEMMs here (autograd: MKL; SCF: oneDNN where available), which
+    # round differently: 1.6e-9 Ha observed for this 0.39 Ha E_xc
+    assert abs(float(energy) - exc) < 1e-8
     np.testing.assert_allclose(v.detach().numpy(), vxc, atol=1e-7)
 
 

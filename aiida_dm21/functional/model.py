@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import torch
 from torch import nn
@@ -109,15 +110,23 @@ class DM21Network(nn.Module):
         The SCF needs gradients with respect to the inputs only, never the weights.  This hand-written
         backward pass (no autograd graph) folds each skip connection into its weight matrix (h W^T + h =
         h (W + I)^T), reuses PyTorch's fused layer-norm kernels, works in place, and runs ``chunk`` points
-        at a time so the 256-wide activations stay in cache.  Equal to autograd to float32 rounding
+        at a time so the 256-wide activations stay in cache.  The 256x256 products go through oneDNN
+        with pre-packed weights when PyTorch offers it for float32 (:func:`linear_backend`): on AMD CPUs
+        MKL's ``addmm`` reaches less than half the speed.  Equal to autograd to float32 rounding
         (``tests/test_model.py``).
         """
         c = self.config
         eye = torch.eye(c.hidden, dtype=features.dtype)
         # the forward pass adds the skip connection separately (as the published graph does: folding it into
         # W + I would round W's diagonal in float32); the backward pass uses g (W + I)
+        rows = min(chunk, features.shape[0])
         layers = [
-            (block.linear.weight, block.linear.weight + eye, block.linear.bias, block.norm) for block in self.blocks
+            (
+                _linear(block.linear.weight, block.linear.bias, rows),
+                _linear((block.linear.weight + eye).t().contiguous(), None, rows),  # g (W + I)
+                block.norm,
+            )
+            for block in self.blocks
         ]
         f_out = torch.empty(features.shape[0], c.n_outputs, dtype=features.dtype)
         g_out = torch.empty_like(features)
@@ -127,8 +136,8 @@ class DM21Network(nn.Module):
             denom = x.abs().add_(c.abs_offset + c.log_offset)
             h = torch.addmm(self.input_layer.bias, torch.log(denom), self.input_layer.weight.t()).tanh_()
             saved = [h]
-            for weight, _, bias, norm in layers:
-                z = torch.addmm(bias, h, weight.t()).add_(h)
+            for forward, _, norm in layers:
+                z = forward(h).add_(h)
                 y, mean, rstd = torch.native_layer_norm(z, shape, norm.weight, norm.bias, c.layer_norm_eps)
                 h = torch.nn.functional.elu(y, inplace=True)
                 saved.append((z, mean, rstd, h))
@@ -139,14 +148,12 @@ class DM21Network(nn.Module):
             s = f * 0.5
             g = grad_output[start : start + chunk] * s * (1.0 - s)
             g_h = g @ self.output_layer.weight
-            for (_, weight_skip, _, norm), (z, mean, rstd, h) in zip(
-                reversed(layers), reversed(saved[1:]), strict=True
-            ):
+            for (_, backward, norm), (z, mean, rstd, h) in zip(reversed(layers), reversed(saved[1:]), strict=True):
                 g_y = torch.ops.aten.elu_backward(g_h, 1.0, 1.0, 1.0, True, h)
                 g_z = torch.ops.aten.native_layer_norm_backward(
                     g_y, z, shape, mean, rstd, norm.weight, norm.bias, [True, False, False]
                 )[0]
-                g_h = g_z @ weight_skip  # the skip connection passes g_z through
+                g_h = backward(g_z)  # g_z (W + I): the skip connection passes g_z through
             g_pre = torch.ops.aten.tanh_backward(g_h, saved[0])
             g_out[start : start + chunk] = (g_pre @ self.input_layer.weight).div_(denom).mul_(torch.sign(x))
         return f_out, g_out
@@ -154,6 +161,43 @@ class DM21Network(nn.Module):
     @property
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+_ONEDNN: bool | None = None
+
+
+def linear_backend() -> str:
+    """``'onednn'`` when float32 linear layers can use oneDNN with pre-packed weights, else ``'addmm'``.
+
+    Checked once per process by running the op and comparing it with ``addmm`` (it is a private PyTorch
+    op, the one ``torch.compile`` uses on CPU); ``AIIDA_DM21_ONEDNN=0`` switches it off.
+    """
+    global _ONEDNN
+    if _ONEDNN is None:
+        _ONEDNN = False
+        if os.environ.get('AIIDA_DM21_ONEDNN', '1') != '0' and torch.backends.mkldnn.is_available():
+            try:
+                generator = torch.Generator().manual_seed(0)
+                x = torch.randn(64, 32, generator=generator)
+                w = torch.randn(16, 32, generator=generator)
+                b = torch.randn(16, generator=generator)
+                packed = torch.ops.mkldnn._reorder_linear_weight(w, 64)
+                out = torch.ops.mkldnn._linear_pointwise(x, packed, b, 'none', [], '')
+                _ONEDNN = bool(torch.allclose(out, torch.addmm(b, x, w.t()), rtol=1e-5, atol=1e-5))
+            except (AttributeError, RuntimeError, NotImplementedError):
+                _ONEDNN = False
+    return 'onednn' if _ONEDNN else 'addmm'
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
+    """``x -> x weight^T + bias`` for float32 blocks of about ``rows`` rows (oneDNN when available)."""
+    if weight.dtype == torch.float32 and linear_backend() == 'onednn':
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, 'none', [], '')
+    weight_t = weight.t()
+    if bias is None:
+        return lambda x: x @ weight_t
+    return lambda x: torch.addmm(bias, x, weight_t)
 
 
 def xc_energy_parts(rho_a: torch.Tensor, rho_b: torch.Tensor, hfx: torch.Tensor) -> torch.Tensor:
