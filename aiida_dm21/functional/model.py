@@ -191,7 +191,7 @@ def linear_backend() -> str:
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
     """``x -> x weight^T + bias`` for float32 blocks of about ``rows`` rows (oneDNN when available)."""
-    if weight.dtype == torch.float32 and linear_backend() == 'onednn':
+    if weight.dtype == torch.float32 and weight.device.type == 'cpu' and linear_backend() == 'onednn':
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, 'none', [], '')
     weight_t = weight.t()
