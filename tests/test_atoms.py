@@ -88,9 +88,10 @@ def test_open_shell_direction_on_the_scf_object(carbon, upstream_dir):
     energy = mf.kernel()
     assert mf.converged
     assert energy == pytest.approx(-37.34185853370385, abs=1e-5)  # DeepMind's C/STO-3G DM21 energy
-    mf.open_shell_direction = 'sideways'
-    with pytest.raises(ValueError, match='open_shell_direction'):
-        mf.get_init_guess(key='b3lyp')
+    for bad in ('sideways', (0, 0, 0)):
+        mf.open_shell_direction = bad
+        with pytest.raises(ValueError, match='open_shell_direction'):
+            mf.get_init_guess(key='b3lyp')
 
 
 def test_oriented_guess_refuses_molecules():
@@ -122,5 +123,20 @@ def test_runner_passes_open_shell_direction(carbon, tmp_path):
     assert mf.open_shell_direction == 'lowest'
     mf, scf_type = make_scf(carbon, {**base, 'open_shell_direction': [0, 0, 1]}, checkpoint)
     assert scf_type == 'UKS' and mf.open_shell_direction == (0.0, 0.0, 1.0)
-    with pytest.raises(RunnerError, match='open_shell_direction'):
-        make_scf(carbon, {**base, 'open_shell_direction': 'up'}, checkpoint)
+    for bad in ('up', [0, 0, 0]):
+        with pytest.raises(RunnerError, match='open_shell_direction'):
+            make_scf(carbon, {**base, 'open_shell_direction': bad}, checkpoint)
+
+
+@pytest.mark.parametrize(
+    'bad', ['sideways', [0, 0, 0], [1, 0], [1, 0, 0, 0], ['1', '0', '0'], [True, 0, 0], [np.nan, 0, 1], 3]
+)
+def test_parse_direction_refuses_bad_values(bad):
+    with pytest.raises(ValueError, match="neither 'lowest' nor a non-zero 3-vector"):
+        atoms.parse_direction(bad)
+
+
+def test_parse_direction_accepts_lowest_and_vectors():
+    assert atoms.parse_direction('lowest') == 'lowest'
+    assert atoms.parse_direction([0, 0.5, 1]) == (0.0, 0.5, 1.0)
+    assert atoms.parse_direction(np.array([1.0, 2.0, 2.0])) == (1.0, 2.0, 2.0)

@@ -100,12 +100,13 @@ def _between(low: float, high: float, *, high_open: bool = False) -> t.Callable[
 
 
 def _direction(value: t.Any) -> str | None:
-    if value == 'lowest':
-        return None
-    numbers = isinstance(value, list) and len(value) == 3 and all(isinstance(x, (int, float)) for x in value)
-    if numbers and any(x != 0 for x in value):
-        return None
-    return f"{value!r} is neither 'lowest' nor a non-zero 3-vector [x, y, z]"
+    from aiida_dm21.functional.atoms import parse_direction  # the core's check (imports PySCF: only when used)
+
+    try:
+        parse_direction(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _non_empty(value: t.Any) -> str | None:

@@ -31,6 +31,7 @@ __all__ = [
     'lowest_guess',
     'open_shell_axis',
     'oriented_guess',
+    'parse_direction',
     'rotate_density',
     'symmetric_guess',
 ]
@@ -55,6 +56,25 @@ def _fundamental_directions(n_sphere: int = 1200) -> np.ndarray:
 
 DEFAULT_DIRECTIONS: np.ndarray = _fundamental_directions()
 """Directions tried by :func:`lowest_guess` (the high-symmetry ones and ~25 spread over the unique region)."""
+
+
+def parse_direction(value) -> str | tuple[float, float, float]:
+    """An ``open_shell_direction`` setting checked: ``'lowest'``, or a non-zero finite 3-vector as floats.
+
+    The one check behind the SCF attribute, the runner's input and the ``dm21.scf`` parameter; raises
+    ``ValueError`` naming the value otherwise.
+    """
+    if isinstance(value, str) and value == 'lowest':
+        return value
+    numbers = (
+        not isinstance(value, str)
+        and hasattr(value, '__len__')
+        and len(value) == 3
+        and all(isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) for x in value)
+    )
+    if numbers and all(np.isfinite(value)) and any(x != 0 for x in value):
+        return tuple(float(x) for x in value)
+    raise ValueError(f"{value!r} is neither 'lowest' nor a non-zero 3-vector [x, y, z]")
 
 
 def is_open_shell_atom(mol) -> bool:

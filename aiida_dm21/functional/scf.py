@@ -136,12 +136,13 @@ class _DM21Mixin:
 
     def get_init_guess(self, mol=None, key='minao', **kwargs):
         if isinstance(key, str) and key.lower() == 'b3lyp':
-            direction = self.open_shell_direction
-            if direction is None or not atoms.is_open_shell_atom(self.mol):
+            if self.open_shell_direction is None or not atoms.is_open_shell_atom(self.mol):
                 return b3lyp_guess(self)
-            if isinstance(direction, str):
-                if direction != 'lowest':
-                    raise ValueError(f"open_shell_direction must be None, 'lowest' or 3 numbers, not {direction!r}")
+            try:
+                direction = atoms.parse_direction(self.open_shell_direction)
+            except ValueError as exc:
+                raise ValueError(f'open_shell_direction: {exc}') from exc
+            if direction == 'lowest':
                 return atoms.lowest_guess(self).dm
             return atoms.oriented_guess(self, direction)[0]
         return super().get_init_guess(mol, key, **kwargs)

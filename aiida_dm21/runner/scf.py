@@ -159,7 +159,7 @@ def build_molecule(data: dict[str, Any]):
 
 
 def make_scf(mol, data: dict[str, Any], checkpoint: Path):
-    from aiida_dm21.functional import scf
+    from aiida_dm21.functional import atoms, scf
     from aiida_dm21.functional.checkpoint import CheckpointError, load_network
 
     if not checkpoint.is_file():
@@ -188,11 +188,11 @@ def make_scf(mol, data: dict[str, Any], checkpoint: Path):
         mf.max_cycle = int(data['max_cycle'])
     if data.get('init_guess') is not None:
         mf.init_guess = data['init_guess']
-    direction = data.get('open_shell_direction')
-    if direction is not None:
-        if direction != 'lowest' and not (isinstance(direction, list) and len(direction) == 3):
-            raise RunnerError('unsupported_input', f"open_shell_direction {direction!r}: 'lowest' or [x, y, z]")
-        mf.open_shell_direction = direction if direction == 'lowest' else tuple(float(x) for x in direction)
+    if data.get('open_shell_direction') is not None:
+        try:
+            mf.open_shell_direction = atoms.parse_direction(data['open_shell_direction'])
+        except ValueError as exc:
+            raise RunnerError('unsupported_input', f'open_shell_direction {exc}') from exc
     if data.get('level_shift'):
         mf.level_shift = float(data['level_shift'])
     if data.get('damp'):
