@@ -21,7 +21,7 @@ import torch
 from pyscf import dft, gto, lib
 
 from aiida_dm21.functional.checkpoint import load_network
-from aiida_dm21.functional.model import linear_backend
+from aiida_dm21.functional.model import _linear, linear_backend
 from aiida_dm21.functional.scf import KS, treutler_ahlrichs_original
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +54,8 @@ def matmul_rate(width: int = 256, rows: int = 2048, calls: int = 50, repeat: int
     a, w, bias = torch.randn(rows, width), torch.randn(width, width), torch.randn(width)
     candidates = {'addmm': lambda: torch.addmm(bias, a, w.t())}
     if linear_backend() == 'onednn':
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
-        candidates['onednn'] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, bias, 'none', [], '')
+        onednn = _linear(w, bias, rows)  # the network's own layer (oneDNN with the weight pre-packed)
+        candidates['onednn'] = lambda: onednn(a)
     rates = {}
     for name, call in candidates.items():
         call()

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from pyscf.lib import logger
 
+from .scf import b3lyp_solver
+
 __all__ = [
     'DEFAULT_DIRECTIONS',
     'OrientationScan',
@@ -138,13 +140,6 @@ def rotate_density(mol, dm: np.ndarray, rotation: np.ndarray) -> np.ndarray:
     return u @ dm @ u.T if dm.ndim == 2 else np.einsum('ij,sjk,lk->sil', u, dm, u)
 
 
-def _b3lyp_of(mf, mol):
-    """A B3LYP (VWN5) solver of ``mf``'s kind and grid settings for ``mol``."""
-    from .scf import b3lyp_solver
-
-    return b3lyp_solver(mf, mol)
-
-
 def symmetric_guess(mf, conv_tol: float = 1e-10) -> tuple[np.ndarray, float]:
     """B3LYP state of the open-shell atom with D2h symmetry imposed: its open shell lies along a grid axis.
 
@@ -154,7 +149,7 @@ def symmetric_guess(mf, conv_tol: float = 1e-10) -> tuple[np.ndarray, float]:
     mol = mf.mol.copy()
     mol.symmetry = 'D2h'
     mol.build(dump_input=False, parse_arg=False)
-    solver = _b3lyp_of(mf, mol)
+    solver = b3lyp_solver(mf, mol)
     solver.conv_tol = conv_tol
     solver.kernel()
     return solver.make_rdm1(), float(solver.e_tot)
@@ -179,7 +174,7 @@ def oriented_guess(mf, direction, start: np.ndarray | None = None, conv_tol: flo
         if axis @ direction < 0:
             axis = -axis
         start = rotate_density(mol, start, _rotation_taking(axis, direction))
-    solver = _b3lyp_of(mf, mol).newton()
+    solver = b3lyp_solver(mf, mol).newton()
     solver.conv_tol = conv_tol
     solver.kernel(dm0=start)
     return solver.make_rdm1(), float(solver.e_tot)

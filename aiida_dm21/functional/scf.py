@@ -35,7 +35,6 @@ from pyscf.dft import roks as pyscf_roks
 from pyscf.dft import uks as pyscf_uks
 from pyscf.lib import logger
 
-from . import atoms
 from .checkpoint import load_network
 from .model import DM21Network
 from .numint import DM21NumInt, check_supported_molecule
@@ -136,6 +135,8 @@ class _DM21Mixin:
 
     def get_init_guess(self, mol=None, key='minao', **kwargs):
         if isinstance(key, str) and key.lower() == 'b3lyp':
+            from . import atoms  # atoms builds on this module's B3LYP solver
+
             if self.open_shell_direction is None or not atoms.is_open_shell_atom(self.mol):
                 return b3lyp_guess(self)
             try:
