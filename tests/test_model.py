@@ -191,3 +191,16 @@ def test_onednn_switch(monkeypatch):
     monkeypatch.setattr(model_module, '_ONEDNN', None)
     monkeypatch.setenv('AIIDA_DM21_ONEDNN', '0')
     assert model_module.linear_backend() == 'addmm'
+
+
+def test_network_pass_follows_in_place_weight_changes():
+    """The packed residual layers are cached per weights version: an in-place update must not serve stale ones."""
+    torch.manual_seed(1)
+    net = DM21Network().requires_grad_(False)
+    x, g = torch.rand(300, 11), torch.rand(300, 3)
+    before, _ = net.forward_with_input_grad(x, g, chunk=128)
+    with torch.no_grad():
+        net.blocks[2].linear.weight.mul_(1.5)
+    after, _ = net.forward_with_input_grad(x, g, chunk=128)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, net(x), rtol=0, atol=2e-6)

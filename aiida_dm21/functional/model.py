@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import weakref
 
 import torch
 from torch import nn
@@ -116,18 +117,7 @@ class DM21Network(nn.Module):
         (``tests/test_model.py``).
         """
         c = self.config
-        eye = torch.eye(c.hidden, dtype=features.dtype)
-        # the forward pass adds the skip connection separately (as the published graph does: folding it into
-        # W + I would round W's diagonal in float32); the backward pass uses g (W + I)
-        rows = min(chunk, features.shape[0])
-        layers = [
-            (
-                _linear(block.linear.weight, block.linear.bias, rows),
-                _linear((block.linear.weight + eye).t().contiguous(), None, rows),  # g (W + I)
-                block.norm,
-            )
-            for block in self.blocks
-        ]
+        layers = self._residual_layers(chunk)
         f_out = torch.empty(features.shape[0], c.n_outputs, dtype=features.dtype)
         g_out = torch.empty_like(features)
         shape = (c.hidden,)
@@ -158,12 +148,39 @@ class DM21Network(nn.Module):
             g_out[start : start + chunk] = (g_pre @ self.input_layer.weight).div_(denom).mul_(torch.sign(x))
         return f_out, g_out
 
+    def _residual_layers(self, chunk: int) -> list:
+        """(forward, backward, norm) of each residual block for :meth:`forward_with_input_grad`.
+
+        The forward pass adds the skip connection separately (as the published graph does: folding it into
+        W + I would round W's diagonal in float32); the backward pass multiplies by (W + I).  Built once per
+        chunk size, back end and version of the weights (an SCF calls the pass for every grid block of every
+        iteration; packing the weights each time cost ~2 ms per call) and kept outside the module, which
+        stays picklable.
+        """
+        params = tuple(self.blocks.parameters())
+        key = (chunk, linear_backend(), tuple((p.data_ptr(), p._version, p.dtype) for p in params))
+        cached = _LAYER_CACHE.get(self)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        eye = torch.eye(self.config.hidden, dtype=params[0].dtype, device=params[0].device)
+        layers = [
+            (
+                _linear(block.linear.weight, block.linear.bias, chunk),
+                _linear((block.linear.weight + eye).t().contiguous(), None, chunk),
+                block.norm,
+            )
+            for block in self.blocks
+        ]
+        _LAYER_CACHE[self] = (key, layers)
+        return layers
+
     @property
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
 
 _ONEDNN: bool | None = None
+_LAYER_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def linear_backend() -> str:
