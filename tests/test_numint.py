@@ -175,3 +175,39 @@ def test_newton_solver_reaches_the_same_energy(dm21_network, spin):
     e_second = second.kernel()
     assert plain.converged and second.converged
     assert abs(e_plain - e_second) < 1e-6
+
+
+@pytest.mark.parametrize('ns', [1, 2])
+def test_hand_written_features_and_potential_equal_autograd(ns):
+    """The SCF's hand-written feature map and chain rule equal autograd through ``_features`` (what training uses)."""
+    from aiida_dm21.functional.numint import _block_features, _block_potential, _features
+
+    mol = gto.M(atom=WATER, basis='6-31g*', spin=0, verbose=0)
+    grids = dft.gen_grid.Grids(mol)
+    grids.level = 1
+    grids.build()
+    coords, weights = grids.coords[:3000], torch.from_numpy(grids.weights[:3000])
+    ao = torch.from_numpy(np.ascontiguousarray(dft.numint.eval_ao(mol, coords, deriv=1)))
+    nus = []
+    for omega in (0.0, 0.4):
+        with mol.with_range_coulomb(omega):
+            nus.append(mol.intor('int1e_grids', hermi=1, grids=coords))
+    nu = torch.from_numpy(np.ascontiguousarray(np.stack(nus)))
+    mf = dft.UKS(mol, xc='b3lyp5').run(conv_tol=1e-6)
+    dm_ab = mf.make_rdm1()
+    dm_np = dm_ab[:1] if ns == 1 else np.stack([dm_ab[0] * 1.1, dm_ab[1] * 0.8])  # unequal spins for ns = 2
+    rng = np.random.default_rng(0)
+    f = torch.from_numpy(rng.uniform(0.5, 1.5, size=(len(weights), 3)))
+    g_feats = torch.from_numpy(rng.normal(size=(len(weights), 11)))
+
+    dm = torch.from_numpy(np.ascontiguousarray(dm_np)).requires_grad_(True)
+    rho, feats, parts = _features(ao, nu, dm)
+    surrogate = (weights[:, None] * parts * f).sum() + (feats * g_feats).sum()
+    (expected,) = torch.autograd.grad(surrogate, dm)
+
+    fb = _block_features(ao, nu, dm.detach())
+    torch.testing.assert_close(fb.feats, feats.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(fb.parts, parts.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(fb.rho.t(), rho.detach(), rtol=1e-12, atol=1e-14)
+    got = _block_potential(fb, ao, weights, f, g_feats)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)

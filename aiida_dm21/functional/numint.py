@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from pyscf.dft import numint as pyscf_numint
 
-from .model import DM21Network, xc_energy_parts
+from .model import LDA_X_FACTOR, DM21Network, xc_energy_parts
 
 __all__ = ['DM21NumInt', 'UnsupportedSystemError', 'XCResult', 'check_supported_molecule']
 
@@ -148,9 +148,10 @@ class DM21NumInt(pyscf_numint.NumInt):
         check_supported_molecule(mol)
         if grids.coords is None:
             grids.build(with_non0tab=True)
-        dm_leaf = torch.from_numpy(np.ascontiguousarray(dms, dtype=np.float64)).requires_grad_(with_vxc)
+        dm = torch.from_numpy(np.ascontiguousarray(dms, dtype=np.float64))
         nelec = np.zeros(2)
         exc = 0.0
+        grad = torch.zeros_like(dm)
         t = self.timings
         for block in self._iter_blocks(mol, grids, max_memory):
             nu = block.nu
@@ -159,31 +160,28 @@ class DM21NumInt(pyscf_numint.NumInt):
                 nu = self._nu(mol, block.coords)
                 t.integrals += time.perf_counter() - t0
             t0 = time.perf_counter()
-            rho, feats, xc_parts = _features(block.ao, nu, dm_leaf)
+            fb = _block_features(block.ao, nu, dm)
             t1 = time.perf_counter()
-            energy_weights = block.weights[:, None] * xc_parts.detach()  # dE/df, (g, 3)
-            x = feats.detach().to(self.network_dtype)
+            energy_weights = block.weights[:, None] * fb.parts  # dE/df, (g, 3)
+            x = fb.feats.to(self.network_dtype)
             if with_vxc:
                 f, g_feats = self.network.forward_with_input_grad(x, energy_weights.to(x.dtype))
             else:
-                with torch.no_grad():
-                    f = self.network(x)
+                f = self.network(x)
             t2 = time.perf_counter()
-            f64 = f.detach().to(torch.float64)
-            e_block = (energy_weights * f64).sum()
+            f64 = f.to(torch.float64)
+            exc += float((energy_weights * f64).sum())
             if with_vxc:
-                surrogate = (block.weights[:, None] * xc_parts * f64).sum() + (feats * g_feats.to(torch.float64)).sum()
-                surrogate.backward()
+                grad += _block_potential(fb, block.ao, block.weights, f64, g_feats.to(torch.float64))
             t3 = time.perf_counter()
             t.features += t1 - t0
             t.network += t2 - t1
             t.potential += t3 - t2
-            exc += float(e_block)
-            nelec += (block.weights * rho.detach()).sum(-1).numpy()
+            nelec += (block.weights[:, None] * fb.rho).sum(0).numpy()
         t.calls += 1
         vxc = None
         if with_vxc:
-            grad = dm_leaf.grad.numpy()
+            grad = grad.numpy()
             vxc = 0.5 * (grad + grad.transpose(0, 2, 1))
             if restricted:
                 vxc = vxc * 0.5  # D_a = D_b = D/2 both depend on D
@@ -293,3 +291,88 @@ def _features(ao: torch.Tensor, nu: torch.Tensor, dm: torch.Tensor):
         [rho[0], rho[1], sigma, sigma_a, sigma_b, tau[0], tau[1], hfx[0, 0], hfx[0, 1], hfx[1, 0], hfx[1, 1]], dim=1
     )
     return rho, feats, xc_energy_parts(rho[0], rho[1], hfx)
+
+
+@dataclass
+class _BlockFeatures:
+    """One block's features and what the hand-written potential needs from the forward pass."""
+
+    rho: torch.Tensor  # (g, 2) spin densities
+    feats: torch.Tensor  # (g, 11) in FEATURE_NAMES order
+    parts: torch.Tensor  # (g, 3) energy densities the enhancement factors multiply
+    x: torch.Tensor  # (g, ns, nao): E_b(r) = sum_a chi_a(r) D_ab
+    grad: torch.Tensor  # (3, g, 2) spin-density gradients
+    nu_x: torch.Tensor  # (n_omega, g, ns, nao): (nu E)_b
+
+
+def _block_features(ao: torch.Tensor, nu: torch.Tensor, dm: torch.Tensor) -> _BlockFeatures:
+    """What :func:`_features` computes, without autograd, keeping the intermediates the potential reuses.
+
+    ``dm`` is ``(ns, nao, nao)`` (ns = 1: D/2 serving both spin channels).  The AO contractions run as one
+    matrix product over both spins (``dm`` side by side) and the per-point products as element-wise
+    reductions, which is what makes this path cheaper than autograd through :func:`_features`.
+    """
+    ns, nao = dm.shape[0], dm.shape[-1]
+    g = ao.shape[1]
+    dm_cat = dm.permute(1, 0, 2).reshape(nao, ns * nao)  # [a, (s, b)]
+    x = (ao[0] @ dm_cat).view(g, ns, nao)
+    dens = (x.unsqueeze(0) * ao.unsqueeze(2)).sum(-1)  # (4, g, ns): rho and half its gradient
+    rho, grad = dens[0], 2.0 * dens[1:]
+    y = (ao[1:].reshape(3 * g, nao) @ dm_cat).view(3, g, ns, nao)
+    tau = 0.5 * (y * ao[1:].unsqueeze(2)).sum(-1).sum(0)  # (g, ns)
+    nu_x = torch.matmul(x.unsqueeze(0), nu)  # (n_omega, g, ns, nao); nu is symmetric in its AO indices
+    hfx = -0.5 * (nu_x * x.unsqueeze(0)).sum(-1)  # (n_omega, g, ns)
+    if ns == 1:
+        rho, grad, tau, hfx = rho.expand(g, 2), grad.expand(3, g, 2), tau.expand(g, 2), hfx.expand(-1, g, 2)
+    sigma_a = (grad[..., 0] ** 2).sum(0)
+    sigma_b = (grad[..., 1] ** 2).sum(0)
+    sigma = (grad.sum(-1) ** 2).sum(0)
+    feats = torch.stack(
+        [
+            rho[:, 0],
+            rho[:, 1],
+            sigma,
+            sigma_a,
+            sigma_b,
+            tau[:, 0],
+            tau[:, 1],
+            hfx[0, :, 0],
+            hfx[1, :, 0],
+            hfx[0, :, 1],
+            hfx[1, :, 1],
+        ],
+        dim=1,
+    )
+    parts = xc_energy_parts(rho[:, 0], rho[:, 1], hfx.permute(2, 0, 1))
+    return _BlockFeatures(rho=rho, feats=feats, parts=parts, x=x, grad=grad, nu_x=nu_x)
+
+
+def _block_potential(
+    fb: _BlockFeatures, ao: torch.Tensor, weights: torch.Tensor, f: torch.Tensor, g_feats: torch.Tensor
+) -> torch.Tensor:
+    """dE_xc/dD (ns, nao, nao) of one block, unsymmetrised, by the chain rule written out.
+
+    ``f`` are the enhancement factors (g, 3) and ``g_feats`` = dE/dfeatures (g, 11) from the network, both
+    float64.  E = sum_g w (f . parts) depends on the features through the network and on rho and the
+    local-HF densities through ``parts`` as well.  With x = chi D: d rho/dx = chi, d grad rho/dx = 2 grad chi,
+    d e_hf/dx = -nu x; tau depends on D directly: d tau/dD_ab = 1/2 grad chi_a . grad chi_b.
+    """
+    ns, nao = fb.x.shape[1], fb.x.shape[2]
+    g = ao.shape[1]
+    wf = weights[:, None] * f  # (g, 3)
+    rho = fb.rho.clamp(min=0.0)
+    v_rho = g_feats[:, 0:2] + wf[:, 0:1] * (LDA_X_FACTOR * 4.0 / 3.0) * rho ** (1.0 / 3.0)  # (g, 2)
+    grad_total = fb.grad.sum(-1, keepdim=True)  # (3, g, 1)
+    v_grad = 2.0 * (g_feats[:, 3:5] * fb.grad + g_feats[:, 2:3] * grad_total)  # (3, g, 2)
+    v_tau = g_feats[:, 5:7]  # (g, 2)
+    v_hf = torch.stack([g_feats[:, 7:9], g_feats[:, 9:11]], dim=-1) + wf[:, 1:3, None]  # (g, n_omega, 2)
+    if ns == 1:  # one density matrix serves both channels: their derivatives add
+        v_rho, v_grad, v_tau, v_hf = (v.sum(-1, keepdim=True) for v in (v_rho, v_grad, v_tau, v_hf))
+    # dE/dx (g, ns, nao)
+    d_x = v_rho.unsqueeze(-1) * ao[0].unsqueeze(1)
+    d_x += 2.0 * (v_grad.unsqueeze(-1) * ao[1:].unsqueeze(2)).sum(0)
+    d_x -= (v_hf.permute(1, 0, 2).unsqueeze(-1) * fb.nu_x).sum(0)
+    out = ao[0].t() @ d_x.view(g, ns * nao)  # (nao, ns * nao)
+    tau_w = (ao[1:].unsqueeze(2) * (0.5 * v_tau).unsqueeze(-1)).view(3 * g, ns * nao)
+    out += ao[1:].reshape(3 * g, nao).t() @ tau_w
+    return out.view(nao, ns, nao).permute(1, 0, 2)
