@@ -21,7 +21,7 @@ import torch
 from pyscf import dft, gto, lib
 
 from aiida_dm21.functional.checkpoint import load_network
-from aiida_dm21.functional.model import _linear, linear_backend
+from aiida_dm21.functional.model import _linear, elementwise_backend, linear_backend
 from aiida_dm21.functional.scf import KS, treutler_ahlrichs_original
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +142,13 @@ def main() -> None:
     print(f'threads: torch {torch.get_num_threads()}, pyscf/OpenMP {lib.num_threads()}')
     shown = ', '.join(f'{name} {value / 1e9:.1f}' for name, value in rates.items())
     print(f'float32 matmul rate, 2048x256 @ 256x256, best of 7 (GFLOP/s): {shown}; the floor uses the fastest')
-    print(f'network linear layers run on: {linear_backend()}')
+    print(f'network linear layers run on: {linear_backend()}; element-wise work: {elementwise_backend()}')
+    t0 = time.perf_counter()
+    network.forward_with_input_grad(torch.rand(4096, 11), torch.rand(4096, 3))  # compiles or loads the kernels
+    print(
+        f'first network pass (once per process: numba compiles the fused kernels or loads them from its cache): '
+        f'{time.perf_counter() - t0:.2f} s'
+    )
     print(f'network: {network_flops_per_point(network) / 1e6:.3f} MFLOP per grid point per iteration (fwd + bwd)')
     rows = [run(name, spec, network, rate) for name, spec in SYSTEMS.items()]
     header = (

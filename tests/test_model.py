@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from aiida_dm21.functional import checkpoint as ck
+from aiida_dm21.functional import kernels
 from aiida_dm21.functional import model as model_module
 from aiida_dm21.functional.model import FEATURE_NAMES, LDA_X_FACTOR, DM21Config, DM21Network
 
@@ -153,6 +154,7 @@ def test_fetch_from_file_mirror_checks_hashes(upstream_dir, tmp_path):
 
 def test_hand_written_input_gradient_equals_autograd(upstream_dir, monkeypatch):
     monkeypatch.setattr(model_module, '_ONEDNN', False)  # the same GEMM as autograd: agreement to rounding
+    monkeypatch.setenv('AIIDA_DM21_FUSED', '0')  # and PyTorch's element-wise kernels
     net, _ = ck.load_network(upstream_dir / 'DM21')
     net.requires_grad_(False)
     torch.manual_seed(0)
@@ -166,14 +168,19 @@ def test_hand_written_input_gradient_equals_autograd(upstream_dir, monkeypatch):
     torch.testing.assert_close(grad2, grad, rtol=1e-5, atol=1e-6 * float(grad.abs().max()))
 
 
+@pytest.mark.parametrize('fused', [False, True], ids=['torch-elementwise', 'fused-elementwise'])
 @pytest.mark.parametrize('onednn', [False, True], ids=['addmm', 'onednn'])
-def test_network_pass_is_float32_accurate_with_either_backend(upstream_dir, monkeypatch, onednn):
-    """Against the same network in float64, both matmul back ends err alike (different GEMMs round differently)."""
+def test_network_pass_is_float32_accurate_with_either_backend(upstream_dir, monkeypatch, onednn, fused):
+    """Against the same network in float64, every back end errs alike (different kernels round differently)."""
     if onednn:
         monkeypatch.setattr(model_module, '_ONEDNN', None)  # probe afresh
         if model_module.linear_backend() != 'onednn':
             pytest.skip('oneDNN linear is not available in this PyTorch build')
     monkeypatch.setattr(model_module, '_ONEDNN', onednn)
+    monkeypatch.setenv('AIIDA_DM21_FUSED', '1' if fused else '0')
+    if fused and not kernels.available():
+        pytest.skip('numba is not importable')
+    assert model_module.elementwise_backend() == ('fused' if fused else 'torch')
     net, _ = ck.load_network(upstream_dir / 'DM21')
     net.requires_grad_(False)
     net64 = copy.deepcopy(net).double()
@@ -185,6 +192,47 @@ def test_network_pass_is_float32_accurate_with_either_backend(upstream_dir, monk
     error = (f.double() - f64).abs()
     assert error.max() < 2e-6 and error.mean() < 1e-7  # f in (0, 2): float32 ulp 1.2e-7 … 2.4e-7
     assert (grad.double() - g64).abs().max() < 5e-6 * g64.abs().max()
+
+
+def test_fused_kernels_against_float64():
+    """ELU, tanh, and layer norm + ELU with its backward, as the fused kernels compute them, against float64."""
+    if not kernels.available():
+        pytest.skip('numba is not importable')
+    x = np.concatenate([np.linspace(-90, 12, 100_001), np.logspace(-30, 1.5, 5000), -np.logspace(-30, 1.5, 5000)])
+    x = x.astype(np.float32)[None]
+    ulp = np.spacing(np.float32(1.0)).astype(np.float64)  # 1.2e-7: activations are O(1)
+    y = x.copy()
+    kernels.tanh_(y)
+    ref = np.tanh(x.astype(np.float64))
+    assert np.abs(y - ref).max() < ulp and np.all(np.abs(y - ref) <= 3 * np.spacing(np.abs(ref).astype(np.float32)))
+    # ELU (exp(y) - 1 below 0, as tf.nn.elu is documented) through a layer norm that is the identity
+    torch.manual_seed(0)
+    rows = torch.randn(4096, 256) * 4 + 0.3
+    gamma, beta = torch.rand(256) + 0.5, torch.randn(256) * 0.5
+    a, b = rows[:, :128].repeat(1, 2).contiguous(), rows.contiguous()
+    out, mean, rstd = torch.empty_like(a), torch.empty(4096), torch.empty(4096)
+    kernels.layer_norm_elu(
+        a.numpy(), b.numpy(), gamma.numpy(), beta.numpy(), 1e-5, out.numpy(), mean.numpy(), rstd.numpy()
+    )
+    z64 = (a.double() + b.double()).requires_grad_(True)
+    out64 = torch.nn.functional.elu(torch.nn.functional.layer_norm(z64, (256,), gamma.double(), beta.double(), 1e-5))
+    out32 = torch.nn.functional.elu(torch.nn.functional.layer_norm(a + b, (256,), gamma, beta, 1e-5))
+    assert (out.double() - out64).abs().max() <= 1.5 * (out32.double() - out64).abs().max()  # PyTorch's own error
+    torch.testing.assert_close(mean.double(), z64.detach().mean(-1), rtol=1e-6, atol=1e-6)
+    grad_h = torch.randn(4096, 256)
+    grad_z = torch.empty_like(grad_h)
+    kernels.elu_layer_norm_backward(
+        grad_h.numpy(), out.numpy(), a.numpy(), b.numpy(), mean.numpy(), rstd.numpy(), gamma.numpy(), grad_z.numpy()
+    )
+    (grad64,) = torch.autograd.grad(out64, z64, grad_h.double())
+    assert (grad_z.double() - grad64).abs().max() < 1e-5 * grad64.abs().max()
+
+
+def test_elementwise_switch(monkeypatch):
+    monkeypatch.setenv('AIIDA_DM21_FUSED', '0')
+    assert model_module.elementwise_backend() == 'torch'
+    monkeypatch.setenv('AIIDA_DM21_FUSED', '1')
+    assert model_module.elementwise_backend(torch.float64) == 'torch'  # the kernels are float32 only
 
 
 def test_onednn_switch(monkeypatch):

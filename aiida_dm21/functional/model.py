@@ -17,9 +17,12 @@ import dataclasses
 import math
 import os
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from . import kernels
 
 __all__ = ['FEATURE_NAMES', 'LDA_X_FACTOR', 'DM21Config', 'DM21Network', 'xc_energy_density', 'xc_energy_parts']
 
@@ -110,27 +113,43 @@ class DM21Network(nn.Module):
 
         The SCF needs gradients with respect to the inputs only, never the weights.  This hand-written
         backward pass (no autograd graph) folds each skip connection into its weight matrix (h W^T + h =
-        h (W + I)^T), reuses PyTorch's fused layer-norm kernels, works in place, and runs ``chunk`` points
-        at a time so the 256-wide activations stay in cache.  The 256x256 products go through oneDNN
-        with pre-packed weights when PyTorch offers it for float32 (:func:`linear_backend`): on AMD CPUs
-        MKL's ``addmm`` reaches less than half the speed.  Equal to autograd to float32 rounding
-        (``tests/test_model.py``).
+        h (W + I)^T), works in place, and runs ``chunk`` points at a time so the 256-wide activations stay
+        in cache.  The 256x256 products go through oneDNN with pre-packed weights when PyTorch offers it for
+        float32 (:func:`linear_backend`): on AMD CPUs MKL's ``addmm`` reaches less than half the speed.  The
+        element-wise work between them (skip connection + layer norm + ELU, their backward, tanh) runs in the
+        fused kernels of :mod:`.kernels` for float32 (:func:`elementwise_backend`), otherwise in PyTorch's
+        own kernels.  As accurate as autograd through :meth:`forward` (``tests/test_model.py``).
         """
         c = self.config
-        layers = self._residual_layers(chunk)
+        fused = elementwise_backend(features.dtype, features.device) == 'fused'
+        layers, input_backward = self._packed_layers(chunk, fused)
         f_out = torch.empty(features.shape[0], c.n_outputs, dtype=features.dtype)
         g_out = torch.empty_like(features)
         shape = (c.hidden,)
         for start in range(0, features.shape[0], chunk):
             x = features[start : start + chunk]
+            rows = x.shape[0]
             denom = x.abs().add_(c.abs_offset + c.log_offset)
-            h = torch.addmm(self.input_layer.bias, torch.log(denom), self.input_layer.weight.t()).tanh_()
+            h = torch.addmm(self.input_layer.bias, torch.log(denom), self.input_layer.weight.t())
+            if fused:
+                kernels.tanh_(h.numpy())
+            else:
+                h.tanh_()
             saved = [h]
             for forward, _, norm in layers:
-                z = forward(h).add_(h)
-                y, mean, rstd = torch.native_layer_norm(z, shape, norm.weight, norm.bias, c.layer_norm_eps)
-                h = torch.nn.functional.elu(y, inplace=True)
-                saved.append((z, mean, rstd, h))
+                # z = a + h (the skip connection); the fused kernel adds them itself and keeps a and h apart
+                a = forward(h)
+                if fused:
+                    h_next, mean, rstd = torch.empty_like(a), torch.empty(rows), torch.empty(rows)
+                    kernels.layer_norm_elu(
+                        a.numpy(), h.numpy(), *norm, c.layer_norm_eps, h_next.numpy(), mean.numpy(), rstd.numpy()
+                    )
+                else:
+                    a.add_(h)
+                    y, mean, rstd = torch.native_layer_norm(a, shape, *norm, c.layer_norm_eps)
+                    h_next = torch.nn.functional.elu(y, inplace=True)
+                saved.append((a, h, mean, rstd, h_next))
+                h = h_next
             f = torch.addmm(self.output_layer.bias, h, self.output_layer.weight.t())
             f = torch.sigmoid(f.mul_(0.5)).mul_(2.0)
             f_out[start : start + chunk] = f
@@ -138,18 +157,34 @@ class DM21Network(nn.Module):
             s = f * 0.5
             g = grad_output[start : start + chunk] * s * (1.0 - s)
             g_h = g @ self.output_layer.weight
-            for (_, backward, norm), (z, mean, rstd, h) in zip(reversed(layers), reversed(saved[1:]), strict=True):
-                g_y = torch.ops.aten.elu_backward(g_h, 1.0, 1.0, 1.0, True, h)
-                g_z = torch.ops.aten.native_layer_norm_backward(
-                    g_y, z, shape, mean, rstd, norm.weight, norm.bias, [True, False, False]
-                )[0]
+            for (_, backward, norm), (a, h_in, mean, rstd, h) in zip(
+                reversed(layers), reversed(saved[1:]), strict=True
+            ):
+                if fused:
+                    g_z = torch.empty_like(g_h)
+                    kernels.elu_layer_norm_backward(
+                        g_h.numpy(),
+                        h.numpy(),
+                        a.numpy(),
+                        h_in.numpy(),
+                        mean.numpy(),
+                        rstd.numpy(),
+                        norm[0],
+                        g_z.numpy(),
+                    )
+                else:  # a holds z = a + h_in here
+                    g_y = torch.ops.aten.elu_backward(g_h, 1.0, 1.0, 1.0, True, h)
+                    g_z = torch.ops.aten.native_layer_norm_backward(
+                        g_y, a, shape, mean, rstd, *norm, [True, False, False]
+                    )[0]
                 g_h = backward(g_z)  # g_z (W + I): the skip connection passes g_z through
             g_pre = torch.ops.aten.tanh_backward(g_h, saved[0])
-            g_out[start : start + chunk] = (g_pre @ self.input_layer.weight).div_(denom).mul_(torch.sign(x))
+            g_out[start : start + chunk] = input_backward(g_pre).div_(denom).mul_(torch.sign(x))
         return f_out, g_out
 
-    def _residual_layers(self, chunk: int) -> list:
-        """(forward, backward, norm) of each residual block for :meth:`forward_with_input_grad`.
+    def _packed_layers(self, chunk: int, fused: bool = False) -> tuple[list, Callable]:
+        """(forward, backward, norm) of each residual block and the input layer's backward, for
+        :meth:`forward_with_input_grad`.
 
         The forward pass adds the skip connection separately (as the published graph does: folding it into
         W + I would round W's diagonal in float32); the backward pass multiplies by (W + I).  Built once per
@@ -157,8 +192,8 @@ class DM21Network(nn.Module):
         iteration; packing the weights each time cost ~2 ms per call) and kept outside the module, which
         stays picklable.
         """
-        params = tuple(self.blocks.parameters())
-        key = (chunk, linear_backend(), tuple((p.data_ptr(), p._version, p.dtype) for p in params))
+        params = (*self.blocks.parameters(), self.input_layer.weight)
+        key = (chunk, linear_backend(), fused, tuple((p.data_ptr(), p._version, p.dtype) for p in params))
         cached = _LAYER_CACHE.get(self)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -167,12 +202,13 @@ class DM21Network(nn.Module):
             (
                 _linear(block.linear.weight, block.linear.bias, chunk),
                 _linear((block.linear.weight + eye).t().contiguous(), None, chunk),
-                block.norm,
+                _norm_parameters(block.norm, fused),
             )
             for block in self.blocks
         ]
-        _LAYER_CACHE[self] = (key, layers)
-        return layers
+        input_backward = _linear(self.input_layer.weight.t().contiguous(), None, chunk)  # g -> g W_in
+        _LAYER_CACHE[self] = (key, (layers, input_backward))
+        return layers, input_backward
 
     @property
     def n_parameters(self) -> int:
@@ -215,6 +251,23 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
     if bias is None:
         return lambda x: x @ weight_t
     return lambda x: torch.addmm(bias, x, weight_t)
+
+
+def elementwise_backend(dtype: torch.dtype = torch.float32, device: torch.device | str = 'cpu') -> str:
+    """``'fused'`` when the SCF pass runs layer norm + ELU in the numba kernels of :mod:`.kernels`, else ``'torch'``.
+
+    Fused for float32 on the CPU when numba is importable and ``AIIDA_DM21_FUSED`` is not ``0``.
+    """
+    if dtype == torch.float32 and torch.device(device).type == 'cpu' and kernels.available():
+        return 'fused'
+    return 'torch'
+
+
+def _norm_parameters(norm: nn.LayerNorm, fused: bool) -> tuple:
+    """(weight, bias) of a layer norm: detached numpy arrays for the fused kernels, else the tensors."""
+    if fused:
+        return (norm.weight.detach().numpy(), norm.bias.detach().numpy())
+    return (norm.weight, norm.bias)
 
 
 def xc_energy_parts(rho_a: torch.Tensor, rho_b: torch.Tensor, hfx: torch.Tensor) -> torch.Tensor:
