@@ -112,17 +112,19 @@ if numba is not None:
         for i in prange(rows):
             total = 0.0
             for j in range(width):
-                total += a[i, j] + b[i, j]
+                z = a[i, j] + b[i, j]
+                out[i, j] = z  # the row of z stays in L1 for the next two passes
+                total += z
             m = total / width
             var = 0.0
             for j in range(width):
-                d = (a[i, j] + b[i, j]) - m
+                d = out[i, j] - m
                 var += d * d
             rs = 1.0 / np.sqrt(var / width + eps)
             m32 = np.float32(m)
             rs32 = np.float32(rs)
             for j in range(width):
-                out[i, j] = _elu(((a[i, j] + b[i, j]) - m32) * rs32 * gamma[j] + beta[j])
+                out[i, j] = _elu((out[i, j] - m32) * rs32 * gamma[j] + beta[j])
             mean[i] = m32
             rstd[i] = rs32
 
@@ -138,14 +140,13 @@ if numba is not None:
             for j in range(width):
                 hv = h[i, j]
                 g = grad_h[i, j] * (one if hv > 0 else hv + one) * gamma[j]  # ELU' = exp(y) = h + 1 below 0
+                grad_z[i, j] = g
                 sum_g += g
                 sum_gx += g * (((a[i, j] + b[i, j]) - m) * rs)
             mean_g = np.float32(sum_g / width)
             mean_gx = np.float32(sum_gx / width)
             for j in range(width):
-                hv = h[i, j]
-                g = grad_h[i, j] * (one if hv > 0 else hv + one) * gamma[j]
-                grad_z[i, j] = rs * (g - mean_g - ((a[i, j] + b[i, j]) - m) * rs * mean_gx)
+                grad_z[i, j] = rs * (grad_z[i, j] - mean_g - ((a[i, j] + b[i, j]) - m) * rs * mean_gx)
 
 
 def layer_norm_elu(a: np.ndarray, b: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, out, mean, rstd):
