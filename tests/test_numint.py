@@ -177,10 +177,16 @@ def test_newton_solver_reaches_the_same_energy(dm21_network, spin):
     assert abs(e_plain - e_second) < 1e-6
 
 
+@pytest.mark.parametrize('fused', [False, True], ids=['torch', 'numba'])
 @pytest.mark.parametrize('ns', [1, 2])
-def test_hand_written_features_and_potential_equal_autograd(ns):
+def test_hand_written_features_and_potential_equal_autograd(ns, fused, monkeypatch):
     """The SCF's hand-written feature map and chain rule equal autograd through ``_features`` (what training uses)."""
+    from aiida_dm21.functional import kernels
     from aiida_dm21.functional.numint import _block_features, _block_potential, _features
+
+    monkeypatch.setenv('AIIDA_DM21_FUSED', '1' if fused else '0')
+    if kernels.available() != fused:
+        pytest.skip('numba is not importable')
 
     mol = gto.M(atom=WATER, basis='6-31g*', spin=0, verbose=0)
     grids = dft.gen_grid.Grids(mol)

@@ -88,4 +88,5 @@ def test_reference_energy(record, upstream_dir):
         energy = mf.kernel()
     assert mf.converged
     assert len(mf.grids.weights) == record['ngrid'], 'not the grid DeepMind used'
+    print(f'E - DeepMind = {energy - record["e_tot"]:+.2e} Ha')  # shown with pytest -rP
     assert abs(energy - record['e_tot']) < tolerance, f'{energy} vs {record["e_tot"]}'

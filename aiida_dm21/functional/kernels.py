@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-__all__ = ['available', 'elu_layer_norm_backward', 'layer_norm_elu', 'tanh_']
+__all__ = ['available', 'elu_layer_norm_backward', 'layer_norm_elu', 'point_features', 'point_potential', 'tanh_']
 
 try:  # numba is a dependency, but the network must still run where it cannot be imported
     import numba
@@ -148,6 +148,58 @@ if numba is not None:
             for j in range(width):
                 grad_z[i, j] = rs * (grad_z[i, j] - mean_g - ((a[i, j] + b[i, j]) - m) * rs * mean_gx)
 
+    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+    def _point_features(ao, x, y, nu, rho, grad, tau, nu_x, hfx):  # pragma: no cover - compiled
+        n_omega, points, nao = nu.shape[0], ao.shape[1], ao.shape[2]
+        spins = x.shape[1]
+        for g in prange(points):
+            for s in range(spins):
+                r = 0.0
+                gx = 0.0
+                gy = 0.0
+                gz = 0.0
+                t = 0.0
+                for b in range(nao):
+                    xb = x[g, s, b]
+                    r += xb * ao[0, g, b]
+                    gx += xb * ao[1, g, b]
+                    gy += xb * ao[2, g, b]
+                    gz += xb * ao[3, g, b]
+                    t += y[0, g, s, b] * ao[1, g, b] + y[1, g, s, b] * ao[2, g, b] + y[2, g, s, b] * ao[3, g, b]
+                rho[g, s] = r
+                grad[0, g, s] = 2.0 * gx
+                grad[1, g, s] = 2.0 * gy
+                grad[2, g, s] = 2.0 * gz
+                tau[g, s] = 0.5 * t
+                for w in range(n_omega):
+                    e = 0.0
+                    for b in range(nao):
+                        acc = 0.0
+                        for d in range(nao):
+                            acc += nu[w, g, b, d] * x[g, s, d]
+                        nu_x[w, g, s, b] = acc
+                        e += acc * x[g, s, b]
+                    hfx[w, g, s] = -0.5 * e
+
+    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+    def _point_potential(ao, nu_x, v_rho, v_grad, v_tau, v_hf, out):  # pragma: no cover - compiled
+        n_omega, points, spins, nao = nu_x.shape
+        for g in prange(points):
+            for s in range(spins):
+                c0 = v_rho[g, s]
+                c1 = 2.0 * v_grad[0, g, s]
+                c2 = 2.0 * v_grad[1, g, s]
+                c3 = 2.0 * v_grad[2, g, s]
+                half_tau = 0.5 * v_tau[g, s]
+                for b in range(nao):
+                    value = c0 * ao[0, g, b] + c1 * ao[1, g, b] + c2 * ao[2, g, b] + c3 * ao[3, g, b]
+                    for w in range(n_omega):
+                        value -= v_hf[w, g, s] * nu_x[w, g, s, b]
+                    out[0, g, s, b] = value
+                    out[1, g, s, b] = half_tau * ao[1, g, b]
+                    out[2, g, s, b] = half_tau * ao[2, g, b]
+                    out[3, g, s, b] = half_tau * ao[3, g, b]
+
 
 def layer_norm_elu(a: np.ndarray, b: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, out, mean, rstd):
     """``out = elu(layer_norm(a + b))`` row by row (float32, C-contiguous); saves each row's mean and 1/std.
@@ -165,3 +217,22 @@ def elu_layer_norm_backward(grad_h, h, a, b, mean, rstd, gamma, grad_z) -> None:
 def tanh_(x: np.ndarray) -> None:
     """``x = tanh(x)`` in place (float32, 2-D, C-contiguous)."""
     _tanh_inplace(x)
+
+
+def point_features(ao, x, y, nu, rho, grad, tau, nu_x, hfx) -> None:
+    """Per grid point (float64): rho, grad rho, tau, nu E and the local-HF energy densities of each spin.
+
+    ``ao`` (4, g, nao) AO values and gradients, ``x`` (g, ns, nao) = chi D, ``y`` (3, g, ns, nao) = grad chi D,
+    ``nu`` (n_omega, g, nao, nao).  Fills ``rho`` (g, ns), ``grad`` (3, g, ns), ``tau`` (g, ns), ``nu_x``
+    (n_omega, g, ns, nao) and ``hfx`` (n_omega, g, ns).
+    """
+    _point_features(ao, x, y, nu, rho, grad, tau, nu_x, hfx)
+
+
+def point_potential(ao, nu_x, v_rho, v_grad, v_tau, v_hf, out) -> None:
+    """The right-hand factors of dE/dD = ao^T out, per grid point (float64), ``out`` (4, g, ns, nao).
+
+    ``out[0]`` = dE/dx (x = chi D): v_rho chi + 2 v_grad . grad chi - sum_w v_hf nu_x;
+    ``out[1:]`` = v_tau/2 grad chi (the tau term, d tau/dD = 1/2 grad chi grad chi^T).
+    """
+    _point_potential(ao, nu_x, v_rho, v_grad, v_tau, v_hf, out)

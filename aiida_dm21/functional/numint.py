@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from pyscf.dft import numint as pyscf_numint
 
+from . import kernels
 from .model import LDA_X_FACTOR, DM21Network, xc_energy_parts
 
 __all__ = ['DM21NumInt', 'UnsupportedSystemError', 'XCResult', 'check_supported_molecule']
@@ -316,12 +317,21 @@ def _block_features(ao: torch.Tensor, nu: torch.Tensor, dm: torch.Tensor) -> _Bl
     g = ao.shape[1]
     dm_cat = dm.permute(1, 0, 2).reshape(nao, ns * nao)  # [a, (s, b)]
     x = (ao[0] @ dm_cat).view(g, ns, nao)
-    dens = (x.unsqueeze(0) * ao.unsqueeze(2)).sum(-1)  # (4, g, ns): rho and half its gradient
-    rho, grad = dens[0], 2.0 * dens[1:]
     y = (ao[1:].reshape(3 * g, nao) @ dm_cat).view(3, g, ns, nao)
-    tau = 0.5 * (y * ao[1:].unsqueeze(2)).sum(-1).sum(0)  # (g, ns)
-    nu_x = torch.matmul(x.unsqueeze(0), nu)  # (n_omega, g, ns, nao); nu is symmetric in its AO indices
-    hfx = -0.5 * (nu_x * x.unsqueeze(0)).sum(-1)  # (n_omega, g, ns)
+    if kernels.available():  # the per-point products in one compiled pass over the block
+        rho, grad, tau = (
+            torch.empty(g, ns, dtype=x.dtype),
+            torch.empty(3, g, ns, dtype=x.dtype),
+            torch.empty_like(x[..., 0]),
+        )
+        nu_x, hfx = torch.empty(nu.shape[0], g, ns, nao, dtype=x.dtype), torch.empty(nu.shape[0], g, ns, dtype=x.dtype)
+        kernels.point_features(*(t.numpy() for t in (ao, x, y, nu, rho, grad, tau, nu_x, hfx)))
+    else:
+        dens = (x.unsqueeze(0) * ao.unsqueeze(2)).sum(-1)  # (4, g, ns): rho and half its gradient
+        rho, grad = dens[0], 2.0 * dens[1:]
+        tau = 0.5 * (y * ao[1:].unsqueeze(2)).sum(-1).sum(0)  # (g, ns)
+        nu_x = torch.matmul(x.unsqueeze(0), nu)  # (n_omega, g, ns, nao); nu is symmetric in its AO indices
+        hfx = -0.5 * (nu_x * x.unsqueeze(0)).sum(-1)  # (n_omega, g, ns)
     if ns == 1:
         rho, grad, tau, hfx = rho.expand(g, 2), grad.expand(3, g, 2), tau.expand(g, 2), hfx.expand(-1, g, 2)
     sigma_a = (grad[..., 0] ** 2).sum(0)
@@ -368,11 +378,15 @@ def _block_potential(
     v_hf = torch.stack([g_feats[:, 7:9], g_feats[:, 9:11]], dim=-1) + wf[:, 1:3, None]  # (g, n_omega, 2)
     if ns == 1:  # one density matrix serves both channels: their derivatives add
         v_rho, v_grad, v_tau, v_hf = (v.sum(-1, keepdim=True) for v in (v_rho, v_grad, v_tau, v_hf))
-    # dE/dx (g, ns, nao)
-    d_x = v_rho.unsqueeze(-1) * ao[0].unsqueeze(1)
-    d_x += 2.0 * (v_grad.unsqueeze(-1) * ao[1:].unsqueeze(2)).sum(0)
-    d_x -= (v_hf.permute(1, 0, 2).unsqueeze(-1) * fb.nu_x).sum(0)
-    out = ao[0].t() @ d_x.view(g, ns * nao)  # (nao, ns * nao)
-    tau_w = (ao[1:].unsqueeze(2) * (0.5 * v_tau).unsqueeze(-1)).view(3 * g, ns * nao)
-    out += ao[1:].reshape(3 * g, nao).t() @ tau_w
+    # dE/dD = chi^T dE/dx + sum_k grad_k chi^T (v_tau/2) grad_k chi: one product with all four AO components
+    rhs = torch.empty(4, g, ns, nao, dtype=ao.dtype)
+    if kernels.available():
+        v_hf = v_hf.permute(1, 0, 2).contiguous()  # (n_omega, g, ns)
+        kernels.point_potential(*(t.contiguous().numpy() for t in (ao, fb.nu_x, v_rho, v_grad, v_tau, v_hf, rhs)))
+    else:
+        rhs[0] = v_rho.unsqueeze(-1) * ao[0].unsqueeze(1)  # dE/dx (g, ns, nao)
+        rhs[0] += 2.0 * (v_grad.unsqueeze(-1) * ao[1:].unsqueeze(2)).sum(0)
+        rhs[0] -= (v_hf.permute(1, 0, 2).unsqueeze(-1) * fb.nu_x).sum(0)
+        rhs[1:] = ao[1:].unsqueeze(2) * (0.5 * v_tau).unsqueeze(-1)
+    out = ao.reshape(4 * g, nao).t() @ rhs.view(4 * g, ns * nao)  # (nao, ns * nao)
     return out.view(nao, ns, nao).permute(1, 0, 2)
