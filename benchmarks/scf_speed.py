@@ -1,6 +1,6 @@
 """SCF speed of DM21 (PyTorch) against B3LYP on the same molecule, basis and grid, and against DeepMind's code.
 
-    python benchmarks/scf_speed.py [--repeat 1] [--functional-dir ../shared/dm21/upstream]
+    python benchmarks/scf_speed.py [--repeat 3] [--functional ../shared/dm21/upstream/DM21]
 
 Prints one table per system: wall time and cycles of B3LYP and of DM21 (started from the converged
 B3LYP density, as DeepMind's reference timings were), the DM21/B3LYP ratio, the split of one DM21
@@ -79,7 +79,18 @@ def deepmind_wall(system: str) -> float | None:
     return None
 
 
-def run(name: str, spec: dict, functional, rate: float) -> dict:
+def run(name: str, spec: dict, functional, rate: float, repeat: int = 3) -> dict:
+    """The fastest of ``repeat`` complete runs (B3LYP, then DM21 from its density): on a shared machine the
+    fastest run is the one least disturbed, and the floor is a best-of measurement too."""
+    runs = [run_once(name, spec, functional, rate) for _ in range(repeat)]
+    best = min(runs, key=lambda r: r['dm21_s'])
+    best['b3lyp_s'] = min(r['b3lyp_s'] for r in runs)
+    best['ratio'] = best['dm21_s'] / best['b3lyp_s']
+    best['repeat'] = repeat
+    return best
+
+
+def run_once(name: str, spec: dict, functional, rate: float) -> dict:
     mol = gto.M(atom=spec['atom'], basis=spec['basis'], spin=spec['spin'], verbose=0)
     b3 = dft.KS(mol)
     b3.xc = 'b3lyp5'
@@ -135,6 +146,7 @@ def run(name: str, spec: dict, functional, rate: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--functional', default=str(SHARED / 'upstream' / 'DM21'), help='name, checkpoint or folder')
+    parser.add_argument('--repeat', type=int, default=3, help='complete runs per system; the fastest is shown')
     args = parser.parse_args()
     network, _ = load_network(args.functional)
     rates = matmul_rate()
@@ -150,7 +162,7 @@ def main() -> None:
         f'{time.perf_counter() - t0:.2f} s'
     )
     print(f'network: {network_flops_per_point(network) / 1e6:.3f} MFLOP per grid point per iteration (fwd + bwd)')
-    rows = [run(name, spec, network, rate) for name, spec in SYSTEMS.items()]
+    rows = [run(name, spec, network, rate, args.repeat) for name, spec in SYSTEMS.items()]
     header = (
         f'{"system":<20} {"ngrid":>6} {"nao":>4} {"B3LYP s":>8} {"cyc":>4} {"DM21 s":>7} {"cyc":>4} '
         f'{"DM21/B3LYP":>10} {"DeepMind s":>10} {"speed-up":>8}'
@@ -179,7 +191,8 @@ def main() -> None:
             f'{r["iter_over_floor"]:>10.2f}'
         )
     print()
-    print("DM21 s: SCF from the converged B3LYP density (DeepMind's timings were measured the same way);")
+    print(f"fastest of {args.repeat} runs each. DM21 s: SCF from the converged B3LYP density (DeepMind's timings were")
+    print('measured the same way);')
     print('floor: network FLOPs / matmul rate + nu integrals amortised per iteration; iter/floor excludes "rest".')
 
 
