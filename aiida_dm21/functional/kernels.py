@@ -1,20 +1,25 @@
-"""Fused element-wise kernels for the network's SCF pass, compiled by numba (no AiiDA, no PyTorch).
+"""Fused element-wise kernels of the SCF's XC evaluation, compiled by numba (no AiiDA, no PyTorch).
 
-Between its matrix products the DM21 network does memory-bound element-wise work on 256-wide float32
-activations: layer norm, ELU, and their derivatives.  PyTorch runs each as its own pass over memory, and
-on CPUs with AVX2 but no AVX-512 its ELU (``expm1`` from SLEEF) alone costs 40 % of a 256 x 256 matrix
-product.  Here each residual block's layer norm + ELU is one pass, and its backward one more:
+Network (float32).  Between its matrix products the DM21 network does memory-bound element-wise work on
+256-wide activations: skip connection, layer norm, ELU, tanh and their derivatives.  PyTorch runs each as
+its own pass over memory, and on CPUs with AVX2 but no AVX-512 its ELU (``expm1`` from SLEEF) alone costs
+40 % of a 256 x 256 matrix product.  Here each residual block's skip connection + layer norm + ELU is one
+pass (:func:`layer_norm_elu`), its backward one more (:func:`elu_layer_norm_backward`), tanh one (:func:`tanh_`):
 
 * layer-norm statistics are accumulated in float64 (PyTorch accumulates in float32), then the row is
   normalised, scaled and shifted in float32;
 * ELU's negative branch is ``exp(y) - 1``, the formula TensorFlow documents for ``tf.nn.elu`` (the published
   DM21 graphs use it), with ``exp`` evaluated inline: Cody-Waite reduction by ln 2 and a degree-7
-  polynomial, relative error < 1e-7 on [-87, 0], so the compiler can vectorise it;
+  polynomial, within 1.2 float32 ulp on [-87, 0] (measured), so the compiler can vectorise it;
 * the backward pass recomputes the normalised input from the saved mean and 1/std instead of storing it.
 
-Against the network in float64 these kernels are as accurate as PyTorch's (``tests/test_model.py``).
-:func:`available` says whether numba is importable and ``AIIDA_DM21_FUSED=0`` has not switched them off.
-The kernels compile on first use (a few seconds) and are cached on disk by numba afterwards.
+Features (float64).  :func:`point_features` and :func:`point_potential` do the per-grid-point products of
+``numint._block_features`` / ``numint._block_potential`` (densities, nu E, local HF energies, and the
+right-hand factors of dE/dD) in one pass each instead of a dozen broadcast PyTorch operations.
+
+Against float64 references these kernels are as accurate as PyTorch's (``tests/test_model.py``,
+``tests/test_numint.py``).  :func:`available` says whether numba is importable and ``AIIDA_DM21_FUSED=0``
+has not switched them off.  They compile on first use (a few seconds) and numba caches them on disk.
 """
 
 from __future__ import annotations
