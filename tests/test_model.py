@@ -228,6 +228,25 @@ def test_fused_kernels_against_float64():
     assert (grad_z.double() - grad64).abs().max() < 1e-5 * grad64.abs().max()
 
 
+def test_broken_kernels_fall_back_with_a_warning(monkeypatch):
+    """A JIT that fails on some platform switches the kernels off for the process instead of breaking the SCF."""
+    if kernels.numba is None:
+        pytest.skip('numba is not importable')
+
+    def broken():
+        raise RuntimeError('LLVM says no')
+
+    monkeypatch.setattr(kernels, '_WORKING', None)
+    monkeypatch.setattr(kernels, '_self_check', broken)
+    with pytest.warns(UserWarning, match='LLVM says no'):
+        assert not kernels.available()
+    assert model_module.elementwise_backend() == 'torch'
+    net = DM21Network().requires_grad_(False)
+    x = torch.rand(10, 11)
+    f, _ = net.forward_with_input_grad(x, torch.rand(10, 3))  # on PyTorch's kernels
+    torch.testing.assert_close(f, net(x), rtol=0, atol=2e-6)
+
+
 def test_elementwise_switch(monkeypatch):
     monkeypatch.setenv('AIIDA_DM21_FUSED', '0')
     assert model_module.elementwise_backend() == 'torch'

@@ -25,6 +25,7 @@ has not switched them off.  They compile on first use (a few seconds) and numba 
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
@@ -42,9 +43,67 @@ except ImportError:  # pragma: no cover - exercised only on platforms without nu
 _FASTMATH = {'reassoc', 'contract', 'nsz', 'arcp'}  # vectorisable sums; no assumptions about NaN or inf
 
 
+_WORKING: bool | None = None
+
+
 def available() -> bool:
-    """True when the fused kernels can be used (numba importable and ``AIIDA_DM21_FUSED`` is not ``0``)."""
-    return numba is not None and os.environ.get('AIIDA_DM21_FUSED', '1') != '0'
+    """True when the kernels are used: numba importable, ``AIIDA_DM21_FUSED`` not ``0``, and they work here.
+
+    The first call compiles every kernel (or loads it from numba's cache) and checks it against numpy on a
+    few rows; a kernel that fails to compile or disagrees switches all of them off for the process, with a
+    warning, and PyTorch's operations are used instead.
+    """
+    global _WORKING
+    if numba is None or os.environ.get('AIIDA_DM21_FUSED', '1') == '0':
+        return False
+    if _WORKING is None:
+        try:
+            _WORKING = _self_check()
+        except Exception as exc:  # any failure of the JIT means: do not use it
+            warnings.warn(f'aiida-dm21: numba kernels unavailable ({exc}); using PyTorch operations', stacklevel=2)
+            _WORKING = False
+    return _WORKING
+
+
+def _self_check() -> bool:
+    """Run each kernel once on small inputs (compiling it) and compare with numpy."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 16)).astype(np.float32)
+    y = x.copy()
+    tanh_(y)
+    ok = np.allclose(y, np.tanh(x), rtol=1e-6, atol=1e-6)
+    gamma, beta = np.ones(16, np.float32), np.zeros(16, np.float32)
+    out, mean, rstd = np.empty_like(x), np.empty(3, np.float32), np.empty(3, np.float32)
+    layer_norm_elu(x, x, gamma, beta, 1e-5, out, mean, rstd)
+    z = 2.0 * x.astype(np.float64)
+    norm = (z - z.mean(1, keepdims=True)) / np.sqrt(z.var(1, keepdims=True) + 1e-5)
+    ok &= np.allclose(out, np.where(norm > 0, norm, np.expm1(norm)), rtol=1e-5, atol=1e-5)
+    grad = np.empty_like(x)
+    elu_layer_norm_backward(x, out, x, x, mean, rstd, gamma, grad)
+    ok &= bool(np.isfinite(grad).all())
+    ao, dm = rng.normal(size=(4, 5, 3)), rng.normal(size=(1, 3, 3))
+    nu = rng.normal(size=(2, 5, 3, 3))
+    xs = np.ascontiguousarray(np.einsum('ga,sab->gsb', ao[0], dm))
+    ys = np.ascontiguousarray(np.einsum('kga,sab->kgsb', ao[1:], dm))
+    rho, grad_rho, tau = np.empty((5, 1)), np.empty((3, 5, 1)), np.empty((5, 1))
+    nu_x, hfx = np.empty((2, 5, 1, 3)), np.empty((2, 5, 1))
+    point_features(ao, xs, ys, nu, rho, grad_rho, tau, nu_x, hfx)
+    ok &= np.allclose(rho[:, 0], np.einsum('gb,gb->g', xs[:, 0], ao[0]))
+    ok &= np.allclose(nu_x[:, :, 0], np.einsum('wgbd,gd->wgb', nu, xs[:, 0]))
+    rhs = np.empty((4, 5, 1, 3))
+    point_potential(ao, nu_x, rho, grad_rho, tau, hfx, rhs)
+    ok &= bool(np.isfinite(rhs).all())
+    if not ok:
+        warnings.warn('aiida-dm21: numba kernels disagree with numpy here; using PyTorch operations', stacklevel=3)
+    return bool(ok)
+
+
+def _compiled(func):
+    """numba's parallel JIT, cached on disk where numba finds a writable place (else compiled per process)."""
+    try:
+        return njit(parallel=True, fastmath=_FASTMATH, cache=True)(func)
+    except RuntimeError:  # no writable cache location (read-only install and home)
+        return njit(parallel=True, fastmath=_FASTMATH)(func)
 
 
 if numba is not None:
@@ -104,14 +163,14 @@ if numba is not None:
         large = large if x >= 0 else -large
         return small if t < np.float32(0.3125) else large
 
-    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+    @_compiled
     def _tanh_inplace(x):  # pragma: no cover - compiled
         rows, width = x.shape
         for i in prange(rows):
             for j in range(width):
                 x[i, j] = _tanh(x[i, j])
 
-    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+    @_compiled
     def _layer_norm_elu(a, b, gamma, beta, eps, out, mean, rstd):  # pragma: no cover - compiled
         rows, width = a.shape
         for i in prange(rows):
@@ -133,7 +192,7 @@ if numba is not None:
             mean[i] = m32
             rstd[i] = rs32
 
-    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+    @_compiled
     def _elu_layer_norm_backward(grad_h, h, a, b, mean, rstd, gamma, grad_z):  # pragma: no cover - compiled
         rows, width = a.shape
         one = np.float32(1.0)
@@ -153,7 +212,7 @@ if numba is not None:
             for j in range(width):
                 grad_z[i, j] = rs * (grad_z[i, j] - mean_g - ((a[i, j] + b[i, j]) - m) * rs * mean_gx)
 
-    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+    @_compiled
     def _point_features(ao, x, y, nu, rho, grad, tau, nu_x, hfx):  # pragma: no cover - compiled
         n_omega, points, nao = nu.shape[0], ao.shape[1], ao.shape[2]
         spins = x.shape[1]
@@ -186,7 +245,7 @@ if numba is not None:
                         e += acc * x[g, s, b]
                     hfx[w, g, s] = -0.5 * e
 
-    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+    @_compiled
     def _point_potential(ao, nu_x, v_rho, v_grad, v_tau, v_hf, out):  # pragma: no cover - compiled
         n_omega, points, spins, nao = nu_x.shape
         for g in prange(points):
