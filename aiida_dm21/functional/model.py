@@ -140,7 +140,7 @@ class DM21Network(nn.Module):
                 # z = a + h (the skip connection); the fused kernel adds them itself and keeps a and h apart
                 a = forward(h)
                 if fused:
-                    h_next, mean, rstd = torch.empty_like(a), torch.empty(rows), torch.empty(rows)
+                    h_next, mean, rstd = torch.empty_like(a), a.new_empty(rows), a.new_empty(rows)
                     kernels.layer_norm_elu(
                         a.numpy(), h.numpy(), *norm, c.layer_norm_eps, h_next.numpy(), mean.numpy(), rstd.numpy()
                     )
