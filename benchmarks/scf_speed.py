@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import time
 from pathlib import Path
 
@@ -35,6 +36,17 @@ SYSTEMS = {
         atom='C 0 0 0; H 1.079 0 0; H -0.5395 0.934441 0; H -0.5395 -0.934441 0', basis='6-31g*', spin=1, ref='CH3'
     ),
 }
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else the platform's processor string."""
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or 'unknown'
 
 
 def network_flops_per_point(net) -> float:
@@ -151,12 +163,16 @@ def main() -> None:
     network, _ = load_network(args.functional)
     rates = matmul_rate()
     rate = max(rates.values())
-    print(f'threads: torch {torch.get_num_threads()}, pyscf/OpenMP {lib.num_threads()}')
+    print(
+        f'threads: torch {torch.get_num_threads()}, pyscf/OpenMP {lib.num_threads()}; CPU: {cpu_model()}, '
+        f'PyTorch kernels for {torch.backends.cpu.get_cpu_capability()}'
+    )
     shown = ', '.join(f'{name} {value / 1e9:.1f}' for name, value in rates.items())
     print(f'float32 matmul rate, 2048x256 @ 256x256, best of 7 (GFLOP/s): {shown}; the floor uses the fastest')
-    print(f'network linear layers run on: {linear_backend()}; element-wise work: {elementwise_backend()}')
     t0 = time.perf_counter()
+    backends = f'network linear layers run on: {linear_backend()}; element-wise work: {elementwise_backend()}'
     network.forward_with_input_grad(torch.rand(4096, 11), torch.rand(4096, 3))  # compiles or loads the kernels
+    print(backends)
     print(
         f'first network pass (once per process: numba compiles the fused kernels or loads them from its cache): '
         f'{time.perf_counter() - t0:.2f} s'
