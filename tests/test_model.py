@@ -228,6 +228,21 @@ def test_fused_kernels_against_float64():
     assert (grad_z.double() - grad64).abs().max() < 1e-5 * grad64.abs().max()
 
 
+def test_fused_kernels_propagate_nan():
+    """A NaN feature (a broken density) must stay visible, as it does in PyTorch's kernels, not be clamped away."""
+    if not kernels.available():
+        pytest.skip('numba is not importable')
+    x = np.ones((2, 16), np.float32)
+    x[0, 3] = np.nan
+    y = x.copy()
+    kernels.tanh_(y)
+    assert np.isnan(y[0, 3]) and np.isfinite(y[1]).all()
+    ones, zeros = np.ones(16, np.float32), np.zeros(16, np.float32)
+    out, mean, rstd = np.empty_like(x), np.empty(2, np.float32), np.empty(2, np.float32)
+    kernels.layer_norm_elu(x, np.zeros_like(x), ones, zeros, 1e-5, out, mean, rstd)
+    assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
+
+
 def test_broken_kernels_fall_back_with_a_warning(monkeypatch):
     """A JIT that fails on some platform switches the kernels off for the process instead of breaking the SCF."""
     if kernels.numba is None:
