@@ -280,18 +280,26 @@ def _features(ao: torch.Tensor, nu: torch.Tensor, dm: torch.Tensor):
     grad = 2.0 * (x.unsqueeze(1) * ao1).sum(-1)  # (ns, 3, g)
     tau = 0.5 * (torch.matmul(ao1, dm.unsqueeze(1)) * ao1).sum(-1).sum(1)  # (ns, g)
     hfx = _LocalExchange.apply(nu, x)  # (ns, n_omega, g)
-    if rho.shape[0] == 1:  # restricted: both channels from D/2
-        rho = rho.expand(2, -1)
-        grad = grad.expand(2, -1, -1)
-        tau = tau.expand(2, -1)
-        hfx = hfx.expand(2, -1, -1)
+    rho, _, feats, parts = _feature_matrix(rho, grad, tau, hfx)
+    return rho, feats, parts
+
+
+def _feature_matrix(rho: torch.Tensor, grad: torch.Tensor, tau: torch.Tensor, hfx: torch.Tensor):
+    """The feature matrix and energy parts from per-spin quantities, spin index first.
+
+    ``rho`` (ns, g), ``grad`` (ns, 3, g), ``tau`` (ns, g), ``hfx`` (ns, n_omega, g); ns = 1 (restricted: D/2
+    serves both channels) is expanded to 2.  Returns rho (2, g), grad (2, 3, g), the features (g, 11) in
+    :data:`.model.FEATURE_NAMES` order and the energy densities the enhancement factors multiply (g, 3).
+    """
+    if rho.shape[0] == 1:
+        rho, grad, tau, hfx = rho.expand(2, -1), grad.expand(2, -1, -1), tau.expand(2, -1), hfx.expand(2, -1, -1)
     sigma_a = (grad[0] ** 2).sum(0)
     sigma_b = (grad[1] ** 2).sum(0)
     sigma = ((grad[0] + grad[1]) ** 2).sum(0)
     feats = torch.stack(
         [rho[0], rho[1], sigma, sigma_a, sigma_b, tau[0], tau[1], hfx[0, 0], hfx[0, 1], hfx[1, 0], hfx[1, 1]], dim=1
     )
-    return rho, feats, xc_energy_parts(rho[0], rho[1], hfx)
+    return rho, grad, feats, xc_energy_parts(rho[0], rho[1], hfx)
 
 
 @dataclass
@@ -332,29 +340,8 @@ def _block_features(ao: torch.Tensor, nu: torch.Tensor, dm: torch.Tensor) -> _Bl
         tau = 0.5 * (y * ao[1:].unsqueeze(2)).sum(-1).sum(0)  # (g, ns)
         nu_x = torch.matmul(x.unsqueeze(0), nu)  # (n_omega, g, ns, nao); nu is symmetric in its AO indices
         hfx = -0.5 * (nu_x * x.unsqueeze(0)).sum(-1)  # (n_omega, g, ns)
-    if ns == 1:
-        rho, grad, tau, hfx = rho.expand(g, 2), grad.expand(3, g, 2), tau.expand(g, 2), hfx.expand(-1, g, 2)
-    sigma_a = (grad[..., 0] ** 2).sum(0)
-    sigma_b = (grad[..., 1] ** 2).sum(0)
-    sigma = (grad.sum(-1) ** 2).sum(0)
-    feats = torch.stack(
-        [
-            rho[:, 0],
-            rho[:, 1],
-            sigma,
-            sigma_a,
-            sigma_b,
-            tau[:, 0],
-            tau[:, 1],
-            hfx[0, :, 0],
-            hfx[1, :, 0],
-            hfx[0, :, 1],
-            hfx[1, :, 1],
-        ],
-        dim=1,
-    )
-    parts = xc_energy_parts(rho[:, 0], rho[:, 1], hfx.permute(2, 0, 1))
-    return _BlockFeatures(rho=rho, feats=feats, parts=parts, x=x, grad=grad, nu_x=nu_x)
+    rho, grad, feats, parts = _feature_matrix(rho.t(), grad.permute(2, 0, 1), tau.t(), hfx.permute(2, 0, 1))
+    return _BlockFeatures(rho=rho.t(), feats=feats, parts=parts, x=x, grad=grad.permute(1, 2, 0), nu_x=nu_x)
 
 
 def _block_potential(
