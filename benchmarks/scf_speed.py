@@ -155,10 +155,19 @@ def run_once(name: str, spec: dict, functional, rate: float) -> dict:
     }
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--functional', default=str(SHARED / 'upstream' / 'DM21'), help='name, checkpoint or folder')
-    parser.add_argument('--repeat', type=int, default=3, help='complete runs per system; the fastest is shown')
+    parser.add_argument(
+        '--repeat', type=_at_least_one, default=3, help='complete runs per system; the fastest is shown'
+    )
     args = parser.parse_args()
     network, _ = load_network(args.functional)
     rates = matmul_rate()
