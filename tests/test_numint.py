@@ -177,12 +177,17 @@ def test_newton_solver_reaches_the_same_energy(dm21_network, spin):
     assert abs(e_plain - e_second) < 1e-6
 
 
+@pytest.mark.parametrize('screened', [False, True], ids=['all-AOs', 'AO-subset'])
 @pytest.mark.parametrize('fused', [False, True], ids=['torch', 'numba'])
 @pytest.mark.parametrize('ns', [1, 2])
-def test_hand_written_features_and_potential_equal_autograd(ns, fused, monkeypatch):
-    """The SCF's hand-written feature map and chain rule equal autograd through ``_features`` (what training uses)."""
+def test_hand_written_features_and_potential_equal_autograd(ns, fused, screened, monkeypatch):
+    """The SCF's hand-written feature map and chain rule equal autograd through ``_features`` (what training uses).
+
+    With ``screened``, the local-HF part runs over a subset of the AOs (packed integrals over those only): that
+    must equal the full evaluation with the integrals of every other AO set to zero.
+    """
     from aiida_dm21.functional import kernels
-    from aiida_dm21.functional.numint import _block_features, _block_potential, _features
+    from aiida_dm21.functional.numint import _block_features, _block_potential, _features, pack
 
     monkeypatch.setenv('AIIDA_DM21_FUSED', '1' if fused else '0')
     if kernels.available() != fused:
@@ -199,6 +204,14 @@ def test_hand_written_features_and_potential_equal_autograd(ns, fused, monkeypat
         with mol.with_range_coulomb(omega):
             nus.append(mol.intor('int1e_grids', hermi=1, grids=coords))
     nu = torch.from_numpy(np.ascontiguousarray(np.stack(nus)))
+    idx = torch.arange(mol.nao)
+    if screened:
+        idx = torch.tensor([0, 1, 2, 5, 6, 7, 8, 11, 14, 17])  # an uneven subset, as screening leaves
+        outside = torch.ones(mol.nao, dtype=torch.bool)
+        outside[idx] = False
+        nu = nu.clone()
+        nu[:, :, outside, :] = 0.0
+        nu[:, :, :, outside] = 0.0
     mf = dft.UKS(mol, xc='b3lyp5').run(conv_tol=1e-6)
     dm_ab = mf.make_rdm1()
     dm_np = dm_ab[:1] if ns == 1 else np.stack([dm_ab[0] * 1.1, dm_ab[1] * 0.8])  # unequal spins for ns = 2
@@ -211,7 +224,7 @@ def test_hand_written_features_and_potential_equal_autograd(ns, fused, monkeypat
     surrogate = (weights[:, None] * parts * f).sum() + (feats * g_feats).sum()
     (expected,) = torch.autograd.grad(surrogate, dm)
 
-    fb = _block_features(ao, nu, dm.detach())
+    fb = _block_features(ao, pack(nu[:, :, idx][:, :, :, idx]), dm.detach(), idx=idx)
     torch.testing.assert_close(fb.feats, feats.detach(), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(fb.parts, parts.detach(), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(fb.rho.t(), rho.detach(), rtol=1e-12, atol=1e-14)

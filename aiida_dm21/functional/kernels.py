@@ -29,7 +29,15 @@ import warnings
 
 import numpy as np
 
-__all__ = ['available', 'elu_layer_norm_backward', 'layer_norm_elu', 'point_features', 'point_potential', 'tanh_']
+__all__ = [
+    'available',
+    'elu_layer_norm_backward',
+    'layer_norm_elu',
+    'pack_index',
+    'point_features',
+    'point_potential',
+    'tanh_',
+]
 
 try:  # numba is a dependency, but the network must still run where it cannot be imported
     import numba
@@ -82,17 +90,23 @@ def _self_check() -> bool:
     elu_layer_norm_backward(x, out, x, x, mean, rstd, gamma, grad)
     ok &= bool(np.isfinite(grad).all())
     ao, dm = rng.normal(size=(4, 5, 3)), rng.normal(size=(1, 3, 3))
-    nu = rng.normal(size=(2, 5, 3, 3))
     xs = np.ascontiguousarray(np.einsum('ga,sab->gsb', ao[0], dm))
     ys = np.ascontiguousarray(np.einsum('kga,sab->kgsb', ao[1:], dm))
     rho, grad_rho, tau = np.empty((5, 1)), np.empty((3, 5, 1)), np.empty((5, 1))
-    nu_x, hfx = np.empty((2, 5, 1, 3)), np.empty((2, 5, 1))
-    point_features(ao, xs, ys, nu, rho, grad_rho, tau, nu_x, hfx)
-    ok &= np.allclose(rho[:, 0], np.einsum('gb,gb->g', xs[:, 0], ao[0]))
-    ok &= np.allclose(nu_x[:, :, 0], np.einsum('wgbd,gd->wgb', nu, xs[:, 0]))
-    rhs = np.empty((4, 5, 1, 3))
-    point_potential(ao, nu_x, rho, grad_rho, tau, hfx, rhs)
-    ok &= bool(np.isfinite(rhs).all())
+    for nu_dtype in (np.float64, np.float32):  # the SCF stores screened integrals in either
+        idx = np.array([0, 2], dtype=np.int64)  # a screened subset of the AOs
+        nu = rng.normal(size=(2, 5, 2, 2)).astype(nu_dtype)
+        nu = nu + nu.transpose(0, 1, 3, 2)  # symmetric, as the integrals are
+        rows, cols = np.tril_indices(2)
+        nu_x, hfx = np.empty((2, 5, 1, 2)), np.empty((2, 5, 1))
+        point_features(ao, xs, ys, np.ascontiguousarray(nu[:, :, rows, cols]), idx, rho, grad_rho, tau, nu_x, hfx)
+        ok &= np.allclose(rho[:, 0], np.einsum('gb,gb->g', xs[:, 0], ao[0]))
+        ok &= np.allclose(nu_x[:, :, 0], np.einsum('wgbd,gd->wgb', nu.astype(np.float64), xs[:, 0, idx]))
+        rhs = np.empty((4, 5, 1, 3))
+        point_potential(ao, nu_x, idx, rho, grad_rho, tau, hfx, rhs)
+        expected = rho[:, 0, None] * ao[0] + 2.0 * np.einsum('kg,kgb->gb', grad_rho[:, :, 0], ao[1:])
+        expected[:, idx] -= np.einsum('wg,wgb->gb', hfx[:, :, 0], nu_x[:, :, 0])
+        ok &= np.allclose(rhs[0, :, 0], expected)
     if not ok:
         warnings.warn('aiida-dm21: numba kernels disagree with numpy here; using PyTorch operations', stacklevel=3)
     return bool(ok)
@@ -213,9 +227,9 @@ if numba is not None:
                 grad_z[i, j] = rs * (grad_z[i, j] - mean_g - ((a[i, j] + b[i, j]) - m) * rs * mean_gx)
 
     @_compiled
-    def _point_features(ao, x, y, nu, rho, grad, tau, nu_x, hfx):  # pragma: no cover - compiled
+    def _point_features(ao, x, y, nu, idx, rho, grad, tau, nu_x, hfx):  # pragma: no cover - compiled
         n_omega, points, nao = nu.shape[0], ao.shape[1], ao.shape[2]
-        spins = x.shape[1]
+        spins, n_kept = x.shape[1], idx.shape[0]
         for g in prange(points):
             for s in range(spins):
                 r = 0.0
@@ -235,19 +249,29 @@ if numba is not None:
                 grad[1, g, s] = 2.0 * gy
                 grad[2, g, s] = 2.0 * gz
                 tau[g, s] = 0.5 * t
-                for w in range(n_omega):
-                    e = 0.0
-                    for b in range(nao):
+                for w in range(n_omega):  # nu packed: lower triangle (b >= d) row by row
+                    for b in range(n_kept):
+                        nu_x[w, g, s, b] = 0.0
+                    p = 0
+                    for b in range(n_kept):
+                        xb = x[g, s, idx[b]]
                         acc = 0.0
-                        for d in range(nao):
-                            acc += nu[w, g, b, d] * x[g, s, d]
-                        nu_x[w, g, s, b] = acc
-                        e += acc * x[g, s, b]
+                        for d in range(b):
+                            v = nu[w, g, p]
+                            acc += v * x[g, s, idx[d]]
+                            nu_x[w, g, s, d] += v * xb
+                            p += 1
+                        nu_x[w, g, s, b] += acc + nu[w, g, p] * xb
+                        p += 1
+                    e = 0.0
+                    for b in range(n_kept):
+                        e += nu_x[w, g, s, b] * x[g, s, idx[b]]
                     hfx[w, g, s] = -0.5 * e
 
     @_compiled
-    def _point_potential(ao, nu_x, v_rho, v_grad, v_tau, v_hf, out):  # pragma: no cover - compiled
-        n_omega, points, spins, nao = nu_x.shape
+    def _point_potential(ao, nu_x, idx, v_rho, v_grad, v_tau, v_hf, out):  # pragma: no cover - compiled
+        n_omega, points, spins, n_kept = nu_x.shape
+        nao = ao.shape[2]
         for g in prange(points):
             for s in range(spins):
                 c0 = v_rho[g, s]
@@ -256,13 +280,15 @@ if numba is not None:
                 c3 = 2.0 * v_grad[2, g, s]
                 half_tau = 0.5 * v_tau[g, s]
                 for b in range(nao):
-                    value = c0 * ao[0, g, b] + c1 * ao[1, g, b] + c2 * ao[2, g, b] + c3 * ao[3, g, b]
-                    for w in range(n_omega):
-                        value -= v_hf[w, g, s] * nu_x[w, g, s, b]
-                    out[0, g, s, b] = value
+                    out[0, g, s, b] = c0 * ao[0, g, b] + c1 * ao[1, g, b] + c2 * ao[2, g, b] + c3 * ao[3, g, b]
                     out[1, g, s, b] = half_tau * ao[1, g, b]
                     out[2, g, s, b] = half_tau * ao[2, g, b]
                     out[3, g, s, b] = half_tau * ao[3, g, b]
+                for j in range(n_kept):
+                    value = 0.0
+                    for w in range(n_omega):
+                        value += v_hf[w, g, s] * nu_x[w, g, s, j]
+                    out[0, g, s, idx[j]] -= value
 
 
 def layer_norm_elu(a: np.ndarray, b: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, out, mean, rstd):
@@ -283,20 +309,29 @@ def tanh_(x: np.ndarray) -> None:
     _tanh_inplace(x)
 
 
-def point_features(ao, x, y, nu, rho, grad, tau, nu_x, hfx) -> None:
+def point_features(ao, x, y, nu, idx, rho, grad, tau, nu_x, hfx) -> None:
     """Per grid point (float64): rho, grad rho, tau, nu E and the local-HF energy densities of each spin.
 
     ``ao`` (4, g, nao) AO values and gradients, ``x`` (g, ns, nao) = chi D, ``y`` (3, g, ns, nao) = grad chi D,
-    ``nu`` (n_omega, g, nao, nao).  Fills ``rho`` (g, ns), ``grad`` (3, g, ns), ``tau`` (g, ns), ``nu_x``
-    (n_omega, g, ns, nao) and ``hfx`` (n_omega, g, ns).
+    ``idx`` (k,) int64: the AOs b whose E_b = x[..., b] enter the local-HF energies (screening), ``nu``
+    (n_omega, g, k (k + 1) / 2) the integrals over those AOs, the lower triangle (b >= d) packed row by row
+    (:func:`pack_index`; float64 or float32, products accumulate in float64).
+    Fills ``rho`` (g, ns), ``grad`` (3, g, ns), ``tau`` (g, ns), ``nu_x`` (n_omega, g, ns, k) and ``hfx``
+    (n_omega, g, ns).
     """
-    _point_features(ao, x, y, nu, rho, grad, tau, nu_x, hfx)
+    _point_features(ao, x, y, nu, idx, rho, grad, tau, nu_x, hfx)
 
 
-def point_potential(ao, nu_x, v_rho, v_grad, v_tau, v_hf, out) -> None:
+def pack_index(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of each packed element of a symmetric k x k matrix (lower triangle, row by row)."""
+    return np.tril_indices(k)
+
+
+def point_potential(ao, nu_x, idx, v_rho, v_grad, v_tau, v_hf, out) -> None:
     """The right-hand factors of dE/dD = ao^T out, per grid point (float64), ``out`` (4, g, ns, nao).
 
-    ``out[0]`` = dE/dx (x = chi D): v_rho chi + 2 v_grad . grad chi - sum_w v_hf nu_x;
+    ``out[0]`` = dE/dx (x = chi D): v_rho chi + 2 v_grad . grad chi - sum_w v_hf nu_x (the last on the AOs
+    ``idx`` that ``nu_x`` (n_omega, g, ns, k) belongs to);
     ``out[1:]`` = v_tau/2 grad chi (the tau term, d tau/dD = 1/2 grad chi grad chi^T).
     """
-    _point_potential(ao, nu_x, v_rho, v_grad, v_tau, v_hf, out)
+    _point_potential(ao, nu_x, idx, v_rho, v_grad, v_tau, v_hf, out)

@@ -25,6 +25,7 @@ attribute           default     why
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import ClassVar
 
@@ -98,7 +99,7 @@ class _DM21Mixin:
 
     _keys: ClassVar[set[str]] = {'functional', 'network', 'checkpoint_metadata', 'open_shell_direction'}
 
-    def _setup_dm21(self, functional: FunctionalSpec, network_dtype) -> None:
+    def _setup_dm21(self, functional: FunctionalSpec, network_dtype, **numint_options) -> None:
         check_supported_molecule(self.mol)
         if isinstance(functional, DM21Network):
             network, metadata = functional, {'name': 'in-memory network'}
@@ -107,7 +108,7 @@ class _DM21Mixin:
         self.functional = metadata.get('name', str(functional))
         self.checkpoint_metadata = metadata
         self.network = network
-        self._numint = DM21NumInt(network, network_dtype=network_dtype)
+        self._numint = DM21NumInt(network, network_dtype=network_dtype, **numint_options)
         self.xc = self.functional  # for display only: get_veff below never hands xc to libxc
         self.init_guess = 'b3lyp'
         self.open_shell_direction = None
@@ -155,7 +156,9 @@ class _DM21Mixin:
         if unrestricted and dm.ndim == 2:
             dm = np.stack([dm * 0.5, dm * 0.5])
         self._grids_ready(mol, dm)
-        max_memory = self.max_memory - lib.current_memory()[0]
+        max_memory = None  # PySCF's fixed default (4,000 MB) says nothing about this machine: let DM21NumInt decide
+        if self.max_memory != lib.param.MAX_MEMORY or 'PYSCF_MAX_MEMORY' in os.environ:
+            max_memory = self.max_memory - lib.current_memory()[0]
         evaluate = self._numint.nr_uks if unrestricted else self._numint.nr_rks
         n, exc, vxc = evaluate(mol, self.grids, self.xc, dm, max_memory=max_memory)
         logger.debug(self, 'nelec by numeric integration = %s', n)
@@ -201,15 +204,15 @@ class _DM21Mixin:
         raise NotImplementedError('stability analysis needs second functional derivatives, not implemented for DM21')
 
     def to_gpu(self):
-        raise NotImplementedError('use the PyTorch device of the network instead')
+        raise NotImplementedError("DM21 runs on a GPU through PyTorch: aiida_dm21.KS(mol, functional, device='cuda')")
 
 
 class DM21RKS(_DM21Mixin, dft.rks.RKS):
     """Restricted Kohn-Sham with a DM21 functional."""
 
-    def __init__(self, mol, functional: FunctionalSpec = 'DM21', network_dtype=None):
+    def __init__(self, mol, functional: FunctionalSpec = 'DM21', network_dtype=None, **numint_options):
         dft.rks.RKS.__init__(self, mol)
-        self._setup_dm21(functional, network_dtype or _default_dtype())
+        self._setup_dm21(functional, network_dtype or _default_dtype(), **numint_options)
 
     def get_veff(self, mol=None, dm=None, dm_last=0, vhf_last=0, hermi=1):
         return self._dm21_veff(mol, dm, hermi, unrestricted=False)
@@ -223,17 +226,17 @@ class _UnrestrictedVeff:
 class DM21UKS(_DM21Mixin, _UnrestrictedVeff, dft.uks.UKS):
     """Unrestricted Kohn-Sham with a DM21 functional."""
 
-    def __init__(self, mol, functional: FunctionalSpec = 'DM21', network_dtype=None):
+    def __init__(self, mol, functional: FunctionalSpec = 'DM21', network_dtype=None, **numint_options):
         dft.uks.UKS.__init__(self, mol)
-        self._setup_dm21(functional, network_dtype or _default_dtype())
+        self._setup_dm21(functional, network_dtype or _default_dtype(), **numint_options)
 
 
 class DM21ROKS(_DM21Mixin, _UnrestrictedVeff, pyscf_roks.ROKS):
     """Restricted open-shell Kohn-Sham with a DM21 functional."""
 
-    def __init__(self, mol, functional: FunctionalSpec = 'DM21', network_dtype=None):
+    def __init__(self, mol, functional: FunctionalSpec = 'DM21', network_dtype=None, **numint_options):
         pyscf_roks.ROKS.__init__(self, mol)
-        self._setup_dm21(functional, network_dtype or _default_dtype())
+        self._setup_dm21(functional, network_dtype or _default_dtype(), **numint_options)
 
 
 def _default_dtype():
