@@ -316,3 +316,21 @@ def test_bad_iteration_limit_is_refused(reference_code, count_nodes):
             parameters=orm.Dict({'basis': '6-31g', 'cc_max_cycle': 0}),
         )
     assert count_nodes() == before
+
+
+def test_workchain_keeps_an_unconverged_reference_out(reference_code):
+    from aiida_dm21.workflows.reference_data import ReferenceDataWorkChain
+
+    results, node = run_get_node(
+        ReferenceDataWorkChain,
+        code=reference_code,
+        species=orm.List([{'label': 'H2', 'atom': 'H 0 0 0; H 0 0 0.74'}]),
+        fractional=orm.Dict({'integer': ['H2']}),
+        reference_method=orm.Str('ccsd'),
+        iterations=orm.Dict({'cc_max_cycle': 1}),
+    )
+    assert node.exit_status == 402, node.exit_message
+    assert 'H2' in node.exit_message and 'ccsd_converged' in node.exit_message
+    assert 'dataset' not in results and 'dataset' not in node.outputs
+    (calc,) = node.called
+    assert calc.exit_status == 400 and 'output_arrays' not in calc.outputs
