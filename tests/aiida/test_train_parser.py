@@ -116,10 +116,14 @@ def _edit_history(key: str, index: int, value: float):
 
 
 def test_entry_points_and_cache_rules():
+    from aiida_dm21.workflows.train import DM21TrainWorkChain
+
     assert ParserFactory('dm21.train') is DM21TrainParser
     codes = CalculationFactory('dm21.train').exit_codes
     own = [code for code in codes.values() if code.status >= 300]
     assert own and all(code.invalidates_cache for code in own), [c for c in own if not c.invalidates_cache]
+    statuses = [code.status for code in DM21TrainWorkChain.exit_codes.values()]
+    assert len(statuses) == len(set(statuses))  # no exit status with two meanings
 
 
 def test_real_training_is_parsed(train_node):
