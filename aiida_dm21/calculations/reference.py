@@ -18,13 +18,23 @@ from aiida.engine import CalcJob
 
 from aiida_dm21.calculations.scf import _check_electrons, molecule_of, validate_structure
 from aiida_dm21.reference.integer import FCI_MAX_ELECTRONS, REFERENCE_METHODS
+from aiida_dm21.runner.common import INPUT_FORMAT_VERSION
 from aiida_dm21.runner.reference import ARRAYS_FILE, RESULTS_FILE
 
 __all__ = ('USER_ENERGY_UNITS', 'DM21ReferenceCalculation')
 
 INPUT_FILE = 'input.json'
 USER_ENERGY_UNITS = {'Ha': 1.0, 'hartree': 1.0, 'eV': 1 / 27.211386245988, 'kcal/mol': 1 / 627.5094740631}
-PARAMETER_KEYS = {'basis', 'charge', 'multiplicity', 'density_method', 'reference_method', 'label'}
+PARAMETER_KEYS = {
+    'basis',
+    'charge',
+    'multiplicity',
+    'density_method',
+    'reference_method',
+    'label',
+    'max_cycle',
+    'cc_max_cycle',
+}
 
 
 def validate_parameters(value: orm.Dict, _: t.Any = None) -> str | None:
@@ -38,6 +48,10 @@ def validate_parameters(value: orm.Dict, _: t.Any = None) -> str | None:
         return '`charge` and `multiplicity` must be integers'
     if data.get('multiplicity', 1) < 1:
         return '`multiplicity` must be >= 1'
+    for key in ('max_cycle', 'cc_max_cycle'):
+        value = data.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return f'`{key}` must be a positive integer, got {value!r}'
     method = data.get('reference_method', 'ccsd(t)')
     if method not in REFERENCE_METHODS:
         return f'`reference_method` {method!r} is not one of {REFERENCE_METHODS}'
@@ -93,7 +107,8 @@ class DM21ReferenceCalculation(CalcJob):
             valid_type=orm.Dict,
             validator=validate_parameters,
             help='basis (required), charge (0), multiplicity (1), density_method ("hf" or a PySCF xc), '
-            f'reference_method (one of {REFERENCE_METHODS}; default "ccsd(t)"), label.',
+            f'reference_method (one of {REFERENCE_METHODS}; default "ccsd(t)"), label, max_cycle (SCF cycles, '
+            'then as many Newton iterations; 50), cc_max_cycle (CCSD iterations; 50).',
         )
         spec.input(
             'user_energy',
@@ -107,19 +122,51 @@ class DM21ReferenceCalculation(CalcJob):
         options['resources'].default = {'num_machines': 1, 'num_mpiprocs_per_machine': 1}
         options['parser_name'].default = 'dm21.reference'
         options['output_filename'].default = 'aiida.out'
-        spec.output('output_parameters', valid_type=orm.Dict, help='Energies (Ha), energy terms, electron counts.')
-        spec.output('output_arrays', valid_type=orm.ArrayData, help='dm, mo_coeff, mo_occ, mo_energy, fock per spin.')
+        spec.output(
+            'output_parameters',
+            valid_type=orm.Dict,
+            help='Energies (Ha), energy terms, electron counts, convergence flags, package versions. Attached also '
+            'when a step did not converge (exit 400), for inspection.',
+        )
+        spec.output(
+            'output_arrays',
+            valid_type=orm.ArrayData,
+            help='dm, mo_coeff, mo_occ, mo_energy, fock per spin. Only for a converged, finite result.',
+        )
         spec.default_output_node = 'output_parameters'
-        spec.exit_code(300, 'ERROR_MISSING_RESULTS', message='The runner wrote no results.json.')
-        spec.exit_code(301, 'ERROR_UNREADABLE_RESULTS', message='results.json or arrays.npz is unreadable: {detail}')
-        spec.exit_code(350, 'ERROR_RUNNER_FAILED', message='The reference runner failed: {detail}')
-        spec.exit_code(410, 'ERROR_NAN_ENERGY', message='The reference energy is NaN or infinite.')
-        spec.exit_code(420, 'ERROR_UNSUPPORTED_INPUT', message='The runner refused the input: {detail}')
+        # A failed reference is never reused from the cache: the scheduler's codes (110, 120, 140) already say so,
+        # and none of these carries a result anyone should train on.
+        failure = {'invalidates_cache': True}
+        spec.exit_code(300, 'ERROR_MISSING_RESULTS', message='The runner wrote no results.json: {detail}', **failure)
+        spec.exit_code(
+            301, 'ERROR_UNREADABLE_RESULTS', message='results.json or arrays.npz is unreadable: {detail}', **failure
+        )
+        spec.exit_code(
+            350, 'ERROR_RUNNER_FAILED', message='The reference runner failed ({category}): {detail}', **failure
+        )
+        spec.exit_code(
+            400,
+            'ERROR_REFERENCE_NOT_CONVERGED',
+            message='The reference calculation did not converge ({steps}): it is kept out of training sets.',
+            **failure,
+        )
+        spec.exit_code(410, 'ERROR_NAN_ENERGY', message='The reference energy is NaN or infinite.', **failure)
+        spec.exit_code(
+            411, 'ERROR_NON_FINITE_VALUE', message='`{key}` is NaN or infinite: nothing was stored.', **failure
+        )
+        spec.exit_code(420, 'ERROR_UNSUPPORTED_INPUT', message='The runner refused the input: {detail}', **failure)
+        spec.exit_code(
+            421,
+            'ERROR_UNSUPPORTED_FORMAT_VERSION',
+            message='The runner on the compute machine refused the input format: {detail}',
+            **failure,
+        )
 
     def prepare_for_submission(self, folder) -> datastructures.CalcInfo:
         data = self.inputs.parameters.get_dict()
         symbols, positions = molecule_of(self.inputs.structure)
         payload = {
+            'format_version': INPUT_FORMAT_VERSION,
             'symbols': symbols,
             'positions': positions,
             'basis': data['basis'],
@@ -129,6 +176,9 @@ class DM21ReferenceCalculation(CalcJob):
             'reference_method': data.get('reference_method', 'ccsd(t)'),
             'label': data.get('label', ''),
         }
+        for key in ('max_cycle', 'cc_max_cycle'):
+            if key in data:
+                payload[key] = data[key]
         if 'user_energy' in self.inputs:
             user = json.loads(self.inputs.user_energy.get_content())
             payload['user_energy'] = float(user['energy']) * USER_ENERGY_UNITS[user['unit']]

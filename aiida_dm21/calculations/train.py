@@ -18,7 +18,8 @@ from aiida.engine import CalcJob
 
 from aiida_dm21.data.checkpoint import DM21CheckpointData
 from aiida_dm21.data.dataset import DM21DatasetData
-from aiida_dm21.training.train import TrainConfig
+from aiida_dm21.runner.common import INPUT_FORMAT_VERSION
+from aiida_dm21.training.train import ERROR_FILE, TrainConfig
 
 __all__ = ('DM21TrainCalculation',)
 
@@ -88,17 +89,35 @@ class DM21TrainCalculation(CalcJob):
         options['output_filename'].default = 'aiida.out'
         spec.output('checkpoint', valid_type=DM21CheckpointData, help='The trained functional (source "trained").')
         spec.output('loss_curves', valid_type=orm.ArrayData, help='epoch, loss, energy_loss, regulariser, wall_s.')
-        spec.output('metrics', valid_type=orm.Dict, help='Errors before/after training on train and held-out sets.')
+        spec.output(
+            'metrics',
+            valid_type=orm.Dict,
+            help='Errors before/after training on train and held-out sets; package versions of the compute node.',
+        )
         spec.default_output_node = 'metrics'
-        spec.exit_code(300, 'ERROR_MISSING_OUTPUT', message='The training wrote no {detail}.')
-        spec.exit_code(301, 'ERROR_UNREADABLE_OUTPUT', message='An output file is unreadable: {detail}')
+        # No failed or interrupted training is reused from the cache (the scheduler's 110/120/140 already are not).
+        failure = {'invalidates_cache': True}
+        spec.exit_code(300, 'ERROR_MISSING_OUTPUT', message='The training wrote no {detail}.', **failure)
+        spec.exit_code(301, 'ERROR_UNREADABLE_OUTPUT', message='An output file is unreadable: {detail}', **failure)
         spec.exit_code(
             310,
             'ERROR_OUT_OF_WALLTIME',
             message='The training stopped for the walltime after {epochs} epochs (state saved: restart with '
             'parent_folder to continue).',
+            **failure,
         )
-        spec.exit_code(410, 'ERROR_NON_FINITE_LOSS', message='The loss became NaN or infinite.')
+        spec.exit_code(350, 'ERROR_RUNNER_FAILED', message='The training failed ({category}): {detail}', **failure)
+        spec.exit_code(410, 'ERROR_NON_FINITE_LOSS', message='The loss became NaN or infinite: {detail}', **failure)
+        spec.exit_code(
+            411, 'ERROR_NON_FINITE_VALUE', message='`{key}` is NaN or infinite: nothing was stored.', **failure
+        )
+        spec.exit_code(420, 'ERROR_UNSUPPORTED_INPUT', message='The training refused its input: {detail}', **failure)
+        spec.exit_code(
+            421,
+            'ERROR_UNSUPPORTED_FORMAT_VERSION',
+            message='The training on the compute machine refused the input format: {detail}',
+            **failure,
+        )
 
     def prepare_for_submission(self, folder) -> datastructures.CalcInfo:
         params = dict(self.inputs.parameters.get_dict()) if 'parameters' in self.inputs else {}
@@ -115,6 +134,7 @@ class DM21TrainCalculation(CalcJob):
                 entries.append(name)
             names.append(entries)
         config = {
+            'format_version': INPUT_FORMAT_VERSION,
             'hyperparameters': params,
             'datasets': names[0],
             'heldout': names[1],
@@ -143,6 +163,7 @@ class DM21TrainCalculation(CalcJob):
             'history.npz',
             'metrics.json',
             'interrupted.json',
+            ERROR_FILE,
             self.metadata.options.output_filename,
         ]
         return calcinfo

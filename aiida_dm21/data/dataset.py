@@ -24,8 +24,14 @@ ATTRIBUTES = ('n_systems', 'kinds', 'elements', 'basis', 'labels', 'checksum', '
 
 
 class _DatasetCaching(NodeCaching):
-    def _get_objects_to_hash(self) -> list[t.Any]:
-        return [self._node.__class__.__name__, self._node.base.attributes.get('checksum')]
+    """The hash of a dataset is its class and content checksum: file name, other attributes and repository layout
+    do not enter, so two nodes holding the same systems are the same input for the caching of what uses them."""
+
+    def get_objects_to_hash(self) -> dict[str, t.Any]:
+        checksum = self._node.base.attributes.get('checksum', None)
+        if not checksum:  # not a file written by save_dataset: hash like any other node
+            return super().get_objects_to_hash()
+        return {'class': str(self._node.__class__), 'checksum': checksum}
 
 
 class DM21DatasetData(SinglefileData):

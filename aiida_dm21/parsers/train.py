@@ -1,62 +1,144 @@
-"""Parser of ``dm21.train``: checkpoint node, loss curves and metrics; never raises on bad output."""
+"""Parser of ``dm21.train``: checkpoint node, loss curves and metrics; never raises on bad output.
+
+The runner's own verdicts come first: ``error.json`` (a categorised failure, e.g. a NaN loss -> 410) and
+``interrupted.json`` (stopped for the walltime with its state saved -> 310).  When the outputs are missing
+or truncated and the scheduler reported a problem (110 out of memory, 120 out of walltime, 140 node
+failure, set on the node before parsing), the scheduler's code is returned, which the training workchain
+restarts from.  Nothing is stored unless every metric, every loss-curve value and every weight is finite.
+"""
 
 from __future__ import annotations
 
 import io
 import json
-import math
 import tempfile
+import typing as t
 from pathlib import Path
 
 import numpy as np
 from aiida import orm
+from aiida.common.exceptions import NotExistent
+from aiida.engine import ExitCode
 from aiida.parsers import Parser
 
 from aiida_dm21.data.checkpoint import DM21CheckpointData
+from aiida_dm21.parsers.common import first_non_finite, first_non_finite_array, scheduler_exit_code
+from aiida_dm21.training.train import ERROR_FILE
 
 __all__ = ('DM21TrainParser',)
 
+CHECKPOINT_FILE = 'checkpoint.safetensors'
+HISTORY_FILE = 'history.npz'
+METRICS_FILE = 'metrics.json'
+INTERRUPTED_FILE = 'interrupted.json'
+
 
 class DM21TrainParser(Parser):
-    def parse(self, **kwargs):
-        retrieved = self.retrieved
-        names = retrieved.base.repository.list_object_names()
-        output = retrieved.base.repository.get_object_content('aiida.out') if 'aiida.out' in names else ''
-        if 'non-finite loss' in output:
-            return self.exit_codes.ERROR_NON_FINITE_LOSS
-        if 'interrupted.json' in names:
-            try:
-                epochs = json.loads(retrieved.base.repository.get_object_content('interrupted.json'))['epochs_done']
-            except (ValueError, KeyError, TypeError):
-                epochs = '?'
-            return self.exit_codes.ERROR_OUT_OF_WALLTIME.format(epochs=epochs)
-        exit_status = self.node.exit_status if self.node.is_finished else None
-        scheduler_walltime = getattr(self.exit_codes, 'ERROR_SCHEDULER_OUT_OF_WALLTIME', None)
-        for name in ('checkpoint.safetensors', 'history.npz', 'metrics.json'):
-            if name not in names:
-                if scheduler_walltime is not None and exit_status == scheduler_walltime.status:
-                    return self.exit_codes.ERROR_OUT_OF_WALLTIME.format(epochs='?')
-                return self.exit_codes.ERROR_MISSING_OUTPUT.format(detail=name)
+    """``checkpoint.safetensors`` -> ``checkpoint``, ``history.npz`` -> ``loss_curves``, ``metrics.json``."""
+
+    def parse(self, **kwargs: t.Any) -> ExitCode:
         try:
-            metrics = json.loads(retrieved.base.repository.get_object_content('metrics.json'))
-            raw = retrieved.base.repository.get_object_content('history.npz', mode='rb')
+            return self._parse()
+        except Exception as exc:  # a parser must end with an exit code, never a traceback
+            self.logger.exception('unexpected error while parsing')
+            return self.exit_codes.ERROR_UNREADABLE_OUTPUT.format(detail=f'parser error {type(exc).__name__}: {exc}')
+
+    def _unreadable(self, detail: str) -> ExitCode:
+        return scheduler_exit_code(self) or self.exit_codes.ERROR_UNREADABLE_OUTPUT.format(detail=detail)
+
+    def _json(self, name: str) -> t.Any:
+        return json.loads(self.retrieved.base.repository.get_object_content(name, mode='r'))
+
+    def _runner_error(self) -> ExitCode:
+        try:
+            error = self._json(ERROR_FILE).get('error')
+        except (OSError, ValueError, UnicodeDecodeError, AttributeError) as exc:
+            return self._unreadable(f'{ERROR_FILE}: {type(exc).__name__}: {exc}')
+        if not isinstance(error, dict):
+            error = {'category': 'internal_error', 'message': str(error)}
+        category, detail = str(error.get('category', 'internal_error')), str(error.get('message', 'no message'))
+        if category == 'non_finite_loss':
+            return self.exit_codes.ERROR_NON_FINITE_LOSS.format(detail=detail)
+        if category == 'unsupported_input':
+            return self.exit_codes.ERROR_UNSUPPORTED_INPUT.format(detail=detail)
+        if category == 'unsupported_format':
+            return self.exit_codes.ERROR_UNSUPPORTED_FORMAT_VERSION.format(detail=detail)
+        return scheduler_exit_code(self) or self.exit_codes.ERROR_RUNNER_FAILED.format(category=category, detail=detail)
+
+    def _interrupted(self) -> ExitCode:
+        try:
+            epochs = self._json(INTERRUPTED_FILE)['epochs_done']
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+            epochs = '?'
+        return self.exit_codes.ERROR_OUT_OF_WALLTIME.format(epochs=epochs)
+
+    def _parse(self) -> ExitCode:
+        try:
+            retrieved = self.retrieved
+        except NotExistent:
+            return self.exit_codes.ERROR_NO_RETRIEVED_FOLDER
+        names = retrieved.base.repository.list_object_names()
+        if ERROR_FILE in names:
+            return self._runner_error()
+        if INTERRUPTED_FILE in names:
+            return self._interrupted()
+        for name in (CHECKPOINT_FILE, HISTORY_FILE, METRICS_FILE):
+            if name not in names:
+                return scheduler_exit_code(self) or self.exit_codes.ERROR_MISSING_OUTPUT.format(detail=name)
+
+        try:
+            metrics = self._json(METRICS_FILE)
+            raw = retrieved.base.repository.get_object_content(HISTORY_FILE, mode='rb')
             with np.load(io.BytesIO(raw), allow_pickle=False) as data:
                 history = {k: np.asarray(data[k]) for k in data.files}
-        except (ValueError, OSError, EOFError) as exc:
-            return self.exit_codes.ERROR_UNREADABLE_OUTPUT.format(detail=str(exc))
-        if any(not math.isfinite(x) for x in history.get('loss', [])):
-            return self.exit_codes.ERROR_NON_FINITE_LOSS
+            weights = retrieved.base.repository.get_object_content(CHECKPOINT_FILE, mode='rb')
+        except (ValueError, OSError, EOFError, UnicodeDecodeError, RecursionError) as exc:
+            return self._unreadable(f'{type(exc).__name__}: {exc}')
+        if not isinstance(metrics, dict):
+            return self._unreadable(f'{METRICS_FILE} is not a JSON object')
+        if 'loss' not in history or any(array.dtype.kind not in 'fiu' for array in history.values()):
+            return self._unreadable(f'{HISTORY_FILE} has no numeric loss curve')
+
+        loss = np.asarray(history['loss'], dtype=float)
+        if not np.all(np.isfinite(loss)):
+            epoch = int(np.flatnonzero(~np.isfinite(loss))[0]) + 1
+            return self.exit_codes.ERROR_NON_FINITE_LOSS.format(detail=f'{HISTORY_FILE}: loss of epoch {epoch}')
+        bad = first_non_finite_array(history)
+        if bad:
+            return self.exit_codes.ERROR_NON_FINITE_VALUE.format(key=f'{HISTORY_FILE}:{bad}')
+        bad = first_non_finite(metrics)
+        if bad:
+            return self.exit_codes.ERROR_NON_FINITE_VALUE.format(key=f'{METRICS_FILE}:{bad}')
+        bad = _non_finite_weight(weights)
+        if bad:
+            return self.exit_codes.ERROR_NON_FINITE_VALUE.format(key=f'{CHECKPOINT_FILE}:{bad}')
+
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / 'checkpoint.safetensors'
-            path.write_bytes(retrieved.base.repository.get_object_content('checkpoint.safetensors', mode='rb'))
+            path = Path(tmp) / CHECKPOINT_FILE
+            path.write_bytes(weights)
             try:
                 checkpoint = DM21CheckpointData(file=str(path))
             except ValueError as exc:
-                return self.exit_codes.ERROR_UNREADABLE_OUTPUT.format(detail=f'checkpoint: {exc}')
+                return self._unreadable(f'checkpoint: {exc}')
         curves = orm.ArrayData()
         for key, value in history.items():
             curves.set_array(key, value)
+        metrics_node = orm.Dict(metrics)
         self.out('checkpoint', checkpoint)
         self.out('loss_curves', curves)
-        self.out('metrics', orm.Dict(metrics))
+        self.out('metrics', metrics_node)
+        return ExitCode(0)
+
+
+def _non_finite_weight(content: bytes) -> str | None:
+    """Name of the first tensor of a ``.safetensors`` file with a NaN or infinite entry (``None``: all finite).
+
+    An unreadable file is left to :class:`DM21CheckpointData`, which says what is wrong with it.
+    """
+    try:
+        from safetensors.numpy import load
+
+        tensors = load(content)
+    except Exception:  # an unreadable file is reported by the checkpoint validation
         return None
+    return first_non_finite_array(tensors)

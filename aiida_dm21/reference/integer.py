@@ -56,6 +56,8 @@ class IntegerSpec:
     user_energy: float | None = None  # Ha, for reference_method == 'user'
     label: str = ''
     conv_tol: float = 1e-10
+    max_cycle: int = 50  # SCF cycles of the density (and HF) calculation, then as many Newton iterations
+    cc_max_cycle: int = 50  # CCSD amplitude iterations
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -218,8 +220,26 @@ def _zero_electron_result(spec: IntegerSpec, mol: gto.Mole) -> IntegerResult:
     )
 
 
+def _converge(mf, spec: IntegerSpec):
+    """Run a mean-field calculation; when it does not converge, continue with the second-order solver.
+
+    ``mf.converged`` of the returned object tells whether either succeeded.
+    """
+    mf.conv_tol = spec.conv_tol
+    mf.max_cycle = spec.max_cycle
+    mf.kernel()
+    if not mf.converged:
+        mf = mf.newton()
+        mf.kernel(mf.make_rdm1())
+    return mf
+
+
 def run_integer_system(spec: IntegerSpec) -> IntegerResult:
-    """Density, reference energy and energy terms of one integer-electron system."""
+    """Density, reference energy and energy terms of one integer-electron system.
+
+    Whether every iterative step converged is recorded: ``converged`` (the density), ``hf_converged`` (the
+    Hartree-Fock reference of a correlated method on a DFT density), ``ccsd_converged`` and ``fci_converged``.
+    """
     method = spec.reference_method.lower()
     if method not in REFERENCE_METHODS:
         raise ReferenceInputError(f'unknown reference method {spec.reference_method!r}: use one of {REFERENCE_METHODS}')
@@ -240,24 +260,32 @@ def run_integer_system(spec: IntegerSpec) -> IntegerResult:
     else:
         mf = dft.UKS(mol)
         mf.xc = spec.density_method
-    mf.conv_tol = spec.conv_tol
-    mf.kernel()
-    if not mf.converged:
-        mf = mf.newton()
-        mf.kernel(mf.make_rdm1())
+    mf = _converge(mf, spec)
     dm = np.asarray(mf.make_rdm1())
     extra: dict[str, Any] = {}
+
+    def hartree_fock():
+        if spec.density_method.lower() == 'hf':
+            return mf
+        hf = _converge(scf.UHF(mol), spec)
+        extra['hf_converged'] = bool(hf.converged)
+        return hf
+
     if method == 'hf' or (mol.nelectron == 1 and method in ('fci', 'ccsd(t)', 'ccsd')):
-        hf = mf if spec.density_method.lower() == 'hf' else scf.UHF(mol).run(conv_tol=spec.conv_tol)
+        hf = hartree_fock()
         e_ref = float(hf.e_tot)  # one electron: HF is exact in the basis
     elif method == 'user':
         e_ref = float(spec.user_energy)
     else:
-        hf = mf if spec.density_method.lower() == 'hf' else scf.UHF(mol).run(conv_tol=spec.conv_tol)
+        hf = hartree_fock()
         if method == 'fci':
-            e_ref = float(fci.FCI(hf).kernel()[0])
+            solver = fci.FCI(hf)
+            e_ref = float(solver.kernel()[0])
+            extra['fci_converged'] = bool(getattr(solver, 'converged', True))
         else:
-            mycc = cc.UCCSD(hf).run()
+            mycc = cc.UCCSD(hf)
+            mycc.max_cycle = spec.cc_max_cycle
+            mycc.run()
             e_ref = float(mycc.e_tot)
             extra['e_ccsd'] = float(mycc.e_tot)
             if method == 'ccsd(t)':

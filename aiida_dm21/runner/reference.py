@@ -1,10 +1,19 @@
 """Compute-node runner of one integer-electron reference calculation: ``python -m aiida_dm21.runner.reference``.
 
-No AiiDA import.  Reads ``input.json`` (``symbols``, ``positions`` in Angstrom, ``basis``, ``charge``,
-``spin`` = 2S, ``density_method``, ``reference_method``, optional ``user_energy`` in Ha, ``label``),
-runs :func:`aiida_dm21.reference.integer.run_integer_system` and writes ``results.json`` and
-``arrays.npz``.  On failure ``results.json`` holds ``{"error": {"category", "message"}}`` and the exit
-status is 2 (bad input) or 1 (anything else).
+No AiiDA import.  Reads ``input.json``: ``format_version`` (must be
+:data:`~aiida_dm21.runner.common.INPUT_FORMAT_VERSION`), ``symbols``, ``positions`` in Angstrom, ``basis``,
+``charge``, ``spin`` = 2S, ``density_method``, ``reference_method``, optional ``user_energy`` in Ha,
+``label``, optional ``max_cycle`` and ``cc_max_cycle``; runs
+:func:`aiida_dm21.reference.integer.run_integer_system` and writes ``arrays.npz``, then ``results.json``
+(each through a temporary file: a present ``results.json`` means complete files).
+
+``results.json`` always holds ``format_version``, ``versions`` (python, numpy, pyscf, torch, aiida_dm21) and
+``error``: ``null``, or ``{"category", "message", "type"}`` with a category of :data:`ERROR_CATEGORIES`.
+After a calculation it also holds ``spec``, ``scalars`` (energies in Ha; ``converged`` and
+``*_converged`` for every iterative step) and ``wall_s``.
+
+Exit status: 0 done and converged, 3 done but a step did not converge, 2 bad input or input format,
+1 anything else.
 """
 
 from __future__ import annotations
@@ -14,51 +23,143 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
+
+from aiida_dm21.runner.common import check_format_version, package_versions, write_json
+
+__all__ = ('ARRAYS_FILE', 'ERROR_CATEGORIES', 'RESULTS_FILE', 'main', 'unconverged_steps')
 
 RESULTS_FILE = 'results.json'
 ARRAYS_FILE = 'arrays.npz'
+RESULTS_FORMAT_VERSION = 1
+
+#: Error categories written to ``results.json["error"]["category"]``.
+ERROR_CATEGORIES: dict[str, str] = {
+    'unsupported_input': 'the input cannot be treated (bad input.json, element, charge/spin, method...)',
+    'unsupported_format': 'input.json has a format_version this aiida-dm21 does not read',
+    'internal_error': 'an unexpected error in the runner or in PySCF',
+}
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_NOT_CONVERGED = 3
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    path = Path(argv[0] if argv else 'input.json')
+class RunnerError(Exception):
+    """A failure with a category for ``results.json``."""
+
+    def __init__(self, category: str, message: str) -> None:
+        super().__init__(message)
+        self.category = category
+        self.message = message
+
+
+def unconverged_steps(scalars: dict[str, Any]) -> list[str]:
+    """The convergence flags (``converged``, ``ccsd_converged``...) of ``scalars`` that are not ``True``."""
+    return [key for key, value in scalars.items() if (key == 'converged' or key.endswith('_converged')) and not value]
+
+
+def read_input(path: Path) -> dict[str, Any]:
+    """``input.json``, checked for its format version and the keys the runner needs."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise RunnerError('unsupported_input', f'input file {path} does not exist') from exc
+    except (OSError, ValueError) as exc:
+        raise RunnerError('unsupported_input', f'input file {path} is not valid JSON: {exc}') from exc
+    if not isinstance(data, dict):
+        raise RunnerError('unsupported_input', f'input file {path} must hold a JSON object')
+    problem = check_format_version(data, str(path.name))
+    if problem:
+        raise RunnerError('unsupported_format', problem)
+    missing = [key for key in ('symbols', 'positions', 'basis') if key not in data]
+    if missing:
+        raise RunnerError('unsupported_input', f'input file {path} lacks {", ".join(missing)}')
+    for key in ('max_cycle', 'cc_max_cycle'):
+        value = data.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise RunnerError('unsupported_input', f'`{key}` must be a positive integer, got {value!r}')
+    return data
+
+
+def _save_arrays(folder: Path, arrays: dict[str, Any]) -> None:
+    import numpy as np
+
+    tmp = folder / (ARRAYS_FILE + '.tmp')
+    with tmp.open('wb') as handle:
+        np.savez(handle, **arrays)
+    tmp.replace(folder / ARRAYS_FILE)
+
+
+def run(path: Path) -> int:
+    """Run the calculation described by ``path``; write the result files next to it; return the exit status."""
     folder = path.parent
     start = time.perf_counter()
+    payload: dict[str, Any] = {'format_version': RESULTS_FORMAT_VERSION, 'error': None, 'versions': package_versions()}
+    status = EXIT_FAILED
     try:
-        from aiida_dm21.reference.integer import IntegerSpec, run_integer_system
+        data = read_input(path)
+        from aiida_dm21.reference.integer import IntegerSpec, ReferenceInputError, run_integer_system
 
-        data = json.loads(path.read_text())
-        atom = '; '.join(
-            f'{s} {x:.10f} {y:.10f} {z:.10f}' for s, (x, y, z) in zip(data['symbols'], data['positions'], strict=True)
-        )
-        spec = IntegerSpec(
-            atom=atom,
-            basis=data['basis'],
-            charge=int(data.get('charge', 0)),
-            spin=int(data.get('spin', 0)),
-            density_method=data.get('density_method', 'hf'),
-            reference_method=data.get('reference_method', 'ccsd(t)'),
-            user_energy=data.get('user_energy'),
-            label=data.get('label', ''),
-        )
+        try:
+            atom = '; '.join(
+                f'{s} {x:.10f} {y:.10f} {z:.10f}'
+                for s, (x, y, z) in zip(data['symbols'], data['positions'], strict=True)
+            )
+            spec = IntegerSpec(
+                atom=atom,
+                basis=data['basis'],
+                charge=int(data.get('charge', 0)),
+                spin=int(data.get('spin', 0)),
+                density_method=data.get('density_method', 'hf'),
+                reference_method=data.get('reference_method', 'ccsd(t)'),
+                user_energy=data.get('user_energy'),
+                label=data.get('label', ''),
+                max_cycle=int(data.get('max_cycle', 50)),
+                cc_max_cycle=int(data.get('cc_max_cycle', 50)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise RunnerError('unsupported_input', f'bad geometry or parameters: {exc}') from exc
         print(
             f'reference calculation {spec.label}: {spec.reference_method} on a {spec.density_method} density',
             flush=True,
         )
-        result = run_integer_system(spec)
-    except Exception as exc:  # write a categorised error whatever happened
-        bad_input = type(exc).__name__ in ('ReferenceInputError', 'KeyError', 'JSONDecodeError')
-        category = 'unsupported_input' if bad_input else 'internal_error'
-        traceback.print_exc()
-        (folder / RESULTS_FILE).write_text(json.dumps({'error': {'category': category, 'message': str(exc)}}))
-        return 2 if bad_input else 1
-    result.save(folder)
-    payload = json.loads((folder / RESULTS_FILE).read_text())
-    payload['error'] = None
+        try:
+            result = run_integer_system(spec)
+        except ReferenceInputError as exc:
+            raise RunnerError('unsupported_input', str(exc)) from exc
+        _save_arrays(folder, result.arrays())
+        payload['spec'] = spec.to_dict()
+        payload['scalars'] = result.scalars()
+        not_converged = unconverged_steps(payload['scalars'])
+        status = EXIT_NOT_CONVERGED if not_converged else EXIT_OK
+        print(f'E_ref = {result.e_ref:.10f} Ha, E_xc target = {result.e_xc_target:.10f} Ha', flush=True)
+        if not_converged:
+            print(f'not converged: {", ".join(not_converged)}', file=sys.stderr, flush=True)
+    except RunnerError as exc:
+        payload['error'] = {'category': exc.category, 'message': exc.message, 'type': 'RunnerError'}
+        status = EXIT_BAD_INPUT
+    except Exception as exc:  # every failure ends in a categorised results.json
+        payload['error'] = {
+            'category': 'internal_error',
+            'message': f'{type(exc).__name__}: {exc}',
+            'type': type(exc).__name__,
+            'traceback': traceback.format_exc(limit=20),
+        }
+        status = EXIT_FAILED
     payload['wall_s'] = time.perf_counter() - start
-    (folder / RESULTS_FILE).write_text(json.dumps(payload, indent=2))
-    print(f'E_ref = {result.e_ref:.10f} Ha, E_xc target = {result.e_xc_target:.10f} Ha', flush=True)
-    return 0
+    payload['exit_status'] = status
+    write_json(folder / RESULTS_FILE, payload)
+    if payload['error'] is not None:
+        print(f'aiida-dm21 reference runner: {payload["error"]["category"]}: {payload["error"]["message"]}')
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: ``python -m aiida_dm21.runner.reference [input.json]``."""
+    argv = sys.argv[1:] if argv is None else argv
+    return run(Path(argv[0] if argv else 'input.json'))
 
 
 if __name__ == '__main__':

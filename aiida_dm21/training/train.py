@@ -2,9 +2,15 @@
 
     python -m aiida_dm21.training.train config.json      # what the dm21.train CalcJob runs
 
-``config.json`` names the dataset files, the initial checkpoint (optional) and the hyper-parameters;
-the run writes ``checkpoint.safetensors``, ``history.npz`` and ``metrics.json`` and, every
-``save_every`` epochs, a resumable ``state/`` (weights, Adam moments, epoch, RNG state, history).
+``config.json`` holds ``format_version`` (must be :data:`~aiida_dm21.runner.common.INPUT_FORMAT_VERSION`),
+the dataset files, the initial checkpoint (optional) and the hyper-parameters; the run writes
+``checkpoint.safetensors``, ``history.npz`` and, last, ``metrics.json`` (with the package ``versions``)
+and, every ``save_every`` epochs, a resumable ``state/`` (weights, Adam moments, epoch, RNG state, history).
+Stopped early for the walltime it writes ``interrupted.json`` instead.  Any failure ends in ``error.json``:
+``{"format_version", "versions", "error": {"category", "message", "type"}}`` with a category of
+:data:`ERROR_CATEGORIES` (a NaN loss is ``non_finite_loss``), never in a bare traceback.
+
+Exit status: 0 trained, 4 interrupted (state saved), 3 non-finite loss, 2 bad input or input format, 1 other.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import json
 import math
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,12 +32,42 @@ from ..functional.checkpoint import load_network, save_checkpoint
 from ..functional.model import DM21Config, DM21Network
 from ..reference.dataset import load_dataset
 from ..reference.fractional import TrainingSystem
+from ..runner.common import check_format_version, package_versions, write_json
 from .loss import PreparedSystem, prepare_system, self_consistency_delta, system_energy
 
-__all__ = ['TrainConfig', 'TrainResult', 'evaluate', 'main', 'train']
+__all__ = ['ERROR_CATEGORIES', 'NonFiniteLossError', 'TrainConfig', 'TrainResult', 'evaluate', 'main', 'train']
 
 HA_TO_MHA = 1000.0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_NON_FINITE_LOSS = 3
 EXIT_INTERRUPTED = 4
+ERROR_FILE = 'error.json'
+STATE_FOLDER = 'state'
+
+#: Error categories written to ``error.json["error"]["category"]``.
+ERROR_CATEGORIES: dict[str, str] = {
+    'unsupported_input': 'config.json, a hyper-parameter, a dataset or the initial checkpoint cannot be used',
+    'unsupported_format': 'config.json has a format_version this aiida-dm21 does not read',
+    'non_finite_loss': 'the loss of a training system became NaN or infinite',
+    'internal_error': 'an unexpected error in the training',
+}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss of ``label`` became NaN or infinite in ``epoch`` (0-based); the training cannot continue."""
+
+    def __init__(self, label: str, epoch: int, loss: float) -> None:
+        super().__init__(f'non-finite loss ({loss}) on {label} at epoch {epoch + 1}')
+        self.label, self.epoch, self.loss = label, epoch, loss
+
+
+class _InputError(Exception):
+    """A refused ``config.json`` (category ``unsupported_input`` or ``unsupported_format``)."""
+
+    def __init__(self, category: str, message: str) -> None:
+        super().__init__(message)
+        self.category = category
 
 
 @dataclasses.dataclass
@@ -200,7 +237,7 @@ def train(
             regulariser = self_consistency_delta(ps, v_xc, config.eta) ** 2 if want_reg else energy.new_zeros(())
             loss = energy_loss + config.regulariser_weight * regulariser
             if not torch.isfinite(loss):
-                raise FloatingPointError(f'non-finite loss on {ps.system.label} at epoch {epoch}')
+                raise NonFiniteLossError(ps.system.label, epoch, float(loss.detach()))
             loss.backward()
             optimizer.step()
             sums['loss'] += float(loss)
@@ -232,19 +269,50 @@ def train(
     return TrainResult(network=network.cpu(), history=arrays, metrics=metrics)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Compute-node entry point: ``python -m aiida_dm21.training.train config.json`` in the working folder."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config_path = Path(argv[0] if argv else 'config.json')
-    spec = json.loads(config_path.read_text())
-    workdir = config_path.parent
-    config = TrainConfig.from_dict(spec.get('hyperparameters', {}))
+def _read_config(config_path: Path) -> tuple[dict, TrainConfig]:
+    """``config.json`` and its hyper-parameters, or an :class:`_InputError` saying why not."""
+    try:
+        spec = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise _InputError('unsupported_input', f'{config_path.name} is unreadable: {exc}') from exc
+    if not isinstance(spec, dict):
+        raise _InputError('unsupported_input', f'{config_path.name} must hold a JSON object')
+    problem = check_format_version(spec, config_path.name)
+    if problem:
+        raise _InputError('unsupported_format', problem)
+    try:
+        config = TrainConfig.from_dict(spec.get('hyperparameters', {}))
+    except (TypeError, ValueError) as exc:
+        raise _InputError('unsupported_input', f'hyper-parameters: {exc}') from exc
+    if not isinstance(spec.get('datasets'), list) or not spec['datasets']:
+        raise _InputError('unsupported_input', f'{config_path.name} names no training dataset')
+    return spec, config
+
+
+def _load_inputs(spec: dict, workdir: Path) -> tuple[list, list, DM21Network | None]:
+    from ..functional.checkpoint import CheckpointError
+    from ..reference.dataset import DatasetError
+
     systems, heldout = [], []
-    for name in spec['datasets']:
-        systems.extend(load_dataset(workdir / name)[0])
-    for name in spec.get('heldout', []):
-        heldout.extend(load_dataset(workdir / name)[0])
-    initial = load_network(workdir / spec['initial_checkpoint'])[0] if spec.get('initial_checkpoint') else None
+    try:
+        for name in spec['datasets']:
+            systems.extend(load_dataset(workdir / name)[0])
+        for name in spec.get('heldout', []):
+            heldout.extend(load_dataset(workdir / name)[0])
+    except DatasetError as exc:
+        raise _InputError('unsupported_input', str(exc)) from exc
+    initial = None
+    if spec.get('initial_checkpoint'):
+        try:
+            initial = load_network(workdir / spec['initial_checkpoint'])[0]
+        except (CheckpointError, OSError) as exc:
+            raise _InputError('unsupported_input', f'initial checkpoint: {exc}') from exc
+    return systems, heldout, initial
+
+
+def _train_job(config_path: Path, workdir: Path, versions: dict[str, str]) -> int:
+    spec, config = _read_config(config_path)
+    systems, heldout, initial = _load_inputs(spec, workdir)
 
     def say(message: str) -> None:
         print(message, flush=True)
@@ -254,18 +322,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         config,
         initial,
         heldout,
-        state_dir=workdir / 'state',
+        state_dir=workdir / STATE_FOLDER,
         progress=say,
         walltime_seconds=spec.get('walltime_seconds'),
     )
     if result.interrupted:
-        (workdir / 'interrupted.json').write_text(json.dumps({'epochs_done': len(result.history['epoch'])}))
+        done = {'epochs_done': len(result.history['epoch']), 'versions': versions}
+        write_json(workdir / 'interrupted.json', done)
         return EXIT_INTERRUPTED
     meta = {'name': config.name, 'source': 'trained', 'training': {'hyperparameters': dataclasses.asdict(config)}}
     save_checkpoint(workdir / 'checkpoint.safetensors', result.network, meta)
-    np.savez(workdir / 'history.npz', **result.history)
-    (workdir / 'metrics.json').write_text(json.dumps(result.metrics, indent=2))
+    tmp = workdir / 'history.npz.tmp'
+    with tmp.open('wb') as handle:
+        np.savez(handle, **result.history)
+    tmp.replace(workdir / 'history.npz')
+    write_json(workdir / 'metrics.json', {**result.metrics, 'versions': versions})  # last: the others are complete
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Compute-node entry point: ``python -m aiida_dm21.training.train config.json`` in the working folder."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = Path(argv[0] if argv else 'config.json')
+    workdir = config_path.parent
+    # A restart copies the parent's state/ folder: it must exist even when the job is killed before the first save.
+    (workdir / STATE_FOLDER).mkdir(exist_ok=True)
+    versions = package_versions()
+    try:
+        return _train_job(config_path, workdir, versions)
+    except _InputError as exc:
+        error = {'category': exc.category, 'message': str(exc), 'type': 'InputError'}
+        status = EXIT_BAD_INPUT
+    except NonFiniteLossError as exc:
+        error = {'category': 'non_finite_loss', 'message': str(exc), 'type': type(exc).__name__}
+        error.update(system=exc.label, epoch=exc.epoch + 1)
+        status = EXIT_NON_FINITE_LOSS
+    except Exception as exc:  # every failure ends in a categorised error.json
+        error = {
+            'category': 'internal_error',
+            'message': f'{type(exc).__name__}: {exc}',
+            'type': type(exc).__name__,
+            'traceback': traceback.format_exc(limit=20),
+        }
+        status = EXIT_FAILED
+    write_json(workdir / ERROR_FILE, {'format_version': 1, 'versions': versions, 'error': error})
+    print(f'aiida-dm21 training: {error["category"]}: {error["message"]}', file=sys.stderr, flush=True)
+    return status
 
 
 if __name__ == '__main__':

@@ -4,6 +4,9 @@ Give a built-in set name (``set_name``, see :mod:`aiida_dm21.reference.sets`) or
 (a list of ``{label, atom, charge, multiplicity}`` with geometries in Angstrom) plus which fractional
 systems to build.  Every integer calculation is a ``dm21.reference`` CalcJob, all submitted at once;
 identical ones are reused through AiiDA caching when caching is enabled for ``aiida.calculations:dm21.reference``.
+
+A reference that did not converge (its CalcJob ends in 400, or an older finished node records a ``False``
+convergence flag) never enters the dataset: the workchain stops with 402 naming the species.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from aiida_dm21.calculations.reference import DM21ReferenceCalculation
 from aiida_dm21.data.dataset import DM21DatasetData
 from aiida_dm21.reference.integer import ReferenceInputError, frame_molecule
 from aiida_dm21.reference.sets import SPECIES_SETS
+from aiida_dm21.runner.reference import unconverged_steps
 
 __all__ = ('ReferenceDataWorkChain', 'link_label', 'structure_from_atom', 'structure_from_atoms')
 
@@ -69,6 +73,17 @@ def validate_species(value: orm.List, _: t.Any = None) -> str | None:
     return None
 
 
+def validate_iterations(value: orm.Dict, _: t.Any = None) -> str | None:
+    data = value.get_dict()
+    unknown = sorted(set(data) - {'max_cycle', 'cc_max_cycle'})
+    if unknown:
+        return f'unknown iteration limits {unknown}; accepted: max_cycle, cc_max_cycle'
+    for key, number in data.items():
+        if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+            return f'`{key}` must be a positive integer, got {number!r}'
+    return None
+
+
 def validate_inputs(inputs: dict, _: t.Any = None) -> str | None:
     if ('set_name' in inputs) == ('species' in inputs):
         return 'give either `set_name` (a built-in set) or `species` (your own list), not both or neither'
@@ -115,10 +130,22 @@ class ReferenceDataWorkChain(WorkChain):
             required=False,
             help='metadata.options for every dm21.reference CalcJob (resources, walltime...).',
         )
+        spec.input(
+            'iterations',
+            valid_type=orm.Dict,
+            required=False,
+            validator=validate_iterations,
+            help='Iteration limits for every dm21.reference: max_cycle (SCF) and cc_max_cycle (CCSD), default 50.',
+        )
         spec.inputs.validator = validate_inputs
         spec.outline(cls.setup, cls.run_references, cls.inspect_references, cls.build_dataset)
         spec.output('dataset', valid_type=DM21DatasetData)
         spec.exit_code(401, 'ERROR_REFERENCE_FAILED', message='Reference calculations failed: {labels}')
+        spec.exit_code(
+            402,
+            'ERROR_REFERENCE_NOT_CONVERGED',
+            message='Reference calculations did not converge, no dataset was built: {labels}',
+        )
 
     def setup(self):
         if 'set_name' in self.inputs:
@@ -147,6 +174,7 @@ class ReferenceDataWorkChain(WorkChain):
                     'density_method': self.inputs.density_method.value,
                     'reference_method': self.ctx.method,
                     'label': item['label'],
+                    **(self.inputs.iterations.get_dict() if 'iterations' in self.inputs else {}),
                 }
             )
             builder.metadata.options = options
@@ -157,9 +185,23 @@ class ReferenceDataWorkChain(WorkChain):
         return ToContext(**{f'ref_{i}': node for i, node in enumerate(futures.values())})
 
     def inspect_references(self):
-        failed = [lab for i, lab in enumerate(self.ctx.labels) if not self.ctx[f'ref_{i}'].is_finished_ok]
+        failed, not_converged = [], []
+        not_converged_status = DM21ReferenceCalculation.exit_codes.ERROR_REFERENCE_NOT_CONVERGED.status
+        for i, label in enumerate(self.ctx.labels):
+            node = self.ctx[f'ref_{i}']
+            if node.is_finished_ok:
+                # also a node finished (or cached) before convergence was checked must not enter a dataset
+                steps = unconverged_steps(node.outputs.output_arrays.base.attributes.get('scalars', {}))
+                if steps:
+                    not_converged.append(f'{label} ({", ".join(steps)})')
+            elif node.exit_status == not_converged_status:
+                not_converged.append(f'{label} ({node.exit_message})')
+            else:
+                failed.append(f'{label} (exit {node.exit_status})')
         if failed:
-            return self.exit_codes.ERROR_REFERENCE_FAILED.format(labels=', '.join(failed))
+            return self.exit_codes.ERROR_REFERENCE_FAILED.format(labels=', '.join(failed + not_converged))
+        if not_converged:
+            return self.exit_codes.ERROR_REFERENCE_NOT_CONVERGED.format(labels=', '.join(not_converged))
         return None
 
     def build_dataset(self):

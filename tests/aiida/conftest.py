@@ -81,12 +81,19 @@ def count_nodes() -> t.Callable[[], int]:
 
 @pytest.fixture
 def retrieved_calc_node(aiida_localhost, tmp_path):
-    """``factory(folder_name or path, exit_status=None)``: a stored ``dm21.scf`` CalcJobNode whose ``retrieved``
-    FolderData holds the files of ``tests/data/scf/<folder_name>`` (or of a path)."""
+    """``factory(folder_name or path, exit_status=None, extra_files=None, plugin='dm21.scf')``: a stored CalcJobNode
+    of ``plugin`` (parsed by the parser of that name) whose ``retrieved`` FolderData holds the files of
+    ``tests/data/scf/<folder_name>`` (or of a path) and ``extra_files``; ``exit_status`` is what the scheduler's
+    output parser would have set before parsing (e.g. 120 out of walltime)."""
     from aiida import orm
     from aiida.common.links import LinkType
 
-    def factory(source: str | Path, exit_status: int | None = None, extra_files: dict[str, bytes] | None = None):
+    def factory(
+        source: str | Path,
+        exit_status: int | None = None,
+        extra_files: dict[str, bytes] | None = None,
+        plugin: str = 'dm21.scf',
+    ):
         folder = tmp_path / 'retrieved'
         if folder.exists():
             shutil.rmtree(folder)
@@ -97,11 +104,11 @@ def retrieved_calc_node(aiida_localhost, tmp_path):
             folder.mkdir()
         for name, content in (extra_files or {}).items():
             (folder / name).write_bytes(content)
-        node = orm.CalcJobNode(computer=aiida_localhost, process_type='aiida.calculations:dm21.scf')
+        node = orm.CalcJobNode(computer=aiida_localhost, process_type=f'aiida.calculations:{plugin}')
         node.set_option('resources', {'num_machines': 1, 'num_mpiprocs_per_machine': 1})
         node.set_option('max_wallclock_seconds', 600)
         node.set_option('output_filename', 'aiida.out')
-        node.set_option('parser_name', 'dm21.scf')
+        node.set_option('parser_name', plugin)
         node.store()
         if exit_status is not None:
             node.set_exit_status(exit_status)

@@ -1,0 +1,268 @@
+"""The ``dm21.train`` runner and parser on a real (one-epoch) training and on its output broken by hand.
+
+Every bad output ends in a named exit code, stores nothing NaN or half-written and is never reused from
+the cache; a scheduler walltime kill (120, set on the node before parsing) reaches the parser and so the
+training workchain's restart handler; a NaN loss ends in a categorised ``error.json``, not a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip('aiida.engine')
+
+from aiida import orm
+from aiida.plugins import CalculationFactory, ParserFactory
+
+from aiida_dm21.parsers.train import DM21TrainParser
+from aiida_dm21.reference.dataset import save_dataset
+from aiida_dm21.reference.fractional import fractional_spin_systems, integer_system
+from aiida_dm21.reference.integer import IntegerSpec, run_integer_system
+from aiida_dm21.runner.common import INPUT_FORMAT_VERSION
+from aiida_dm21.training.train import main
+
+pytestmark = pytest.mark.aiida
+
+NAN = float('nan')
+OUTPUTS = ('checkpoint.safetensors', 'history.npz', 'metrics.json')
+HYPER = {'epochs': 1, 'grid_level': 0, 'save_every': 1, 'learning_rate': 1e-4}
+
+
+@pytest.fixture(scope='module')
+def hydrogen_systems():
+    """A real one-electron reference (H, STO-3G) as an integer and a fractional-spin training system."""
+    h = run_integer_system(IntegerSpec(atom='H 0 0 0', basis='sto-3g', spin=1, reference_method='fci', label='H'))
+    return [integer_system(h), *fractional_spin_systems(h, (0.5,))]
+
+
+def _train_folder(folder: Path, systems, **config) -> tuple[int, Path]:
+    """``main`` of the training runner, in-process, in ``folder`` with ``systems`` as the dataset."""
+    folder.mkdir(parents=True)
+    save_dataset(folder / 'datasets_h.npz', systems)
+    payload = {'format_version': INPUT_FORMAT_VERSION, 'hyperparameters': HYPER, 'datasets': ['datasets_h.npz']}
+    payload.update(config)
+    (folder / 'config.json').write_text(json.dumps(payload))
+    status = main([str(folder / 'config.json')])
+    for name in ('config.json', 'datasets_h.npz'):
+        (folder / name).unlink()  # the retrieved folder holds only what the CalcJob retrieves
+    return status, folder
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, hydrogen_systems) -> Path:
+    status, folder = _train_folder(tmp_path_factory.mktemp('train') / 'job', hydrogen_systems)
+    assert status == 0
+    shutil.rmtree(folder / 'state')  # not retrieved
+    return folder
+
+
+@pytest.fixture
+def train_node(retrieved_calc_node, tmp_path, trained):
+    """``train_node(edit=None, drop=(), exit_status=None, files=None)``: a dm21.train CalcJobNode whose retrieved
+    files are the real training's, edited in place by ``edit(folder)``."""
+
+    def factory(edit=None, drop=(), exit_status=None, files: dict[str, bytes] | None = None):
+        folder = tmp_path / 'edited'
+        if folder.exists():
+            shutil.rmtree(folder)
+        shutil.copytree(trained, folder)
+        if edit is not None:
+            edit(folder)
+        for name in drop:
+            (folder / name).unlink()
+        for name, content in (files or {}).items():
+            (folder / name).write_bytes(content)
+        return retrieved_calc_node(folder, exit_status=exit_status, plugin='dm21.train')
+
+    return factory
+
+
+def parse(node):
+    return DM21TrainParser.parse_from_node(node, store_provenance=False)
+
+
+def cache_valid_after(node: orm.CalcJobNode, status: int) -> bool:
+    from aiida.engine import ProcessState
+
+    node.set_process_state(ProcessState.FINISHED)
+    node.set_exit_status(status)
+    node.seal()
+    return node.base.caching.is_valid_cache
+
+
+def _edit_json(name: str, change):
+    def edit(folder: Path) -> None:
+        payload = json.loads((folder / name).read_text())
+        change(payload)
+        (folder / name).write_text(json.dumps(payload))  # Python writes NaN, as the runner does
+
+    return edit
+
+
+def _edit_history(key: str, index: int, value: float):
+    def edit(folder: Path) -> None:
+        with np.load(folder / 'history.npz') as data:
+            history = {k: data[k] for k in data.files}
+        history[key][index] = value
+        np.savez(folder / 'history.npz', **history)
+
+    return edit
+
+
+def test_entry_points_and_cache_rules():
+    from aiida_dm21.workflows.train import DM21TrainWorkChain
+
+    assert ParserFactory('dm21.train') is DM21TrainParser
+    codes = CalculationFactory('dm21.train').exit_codes
+    own = [code for code in codes.values() if code.status >= 300]
+    assert own and all(code.invalidates_cache for code in own), [c for c in own if not c.invalidates_cache]
+    statuses = [code.status for code in DM21TrainWorkChain.exit_codes.values()]
+    assert len(statuses) == len(set(statuses))  # no exit status with two meanings
+
+
+def test_real_training_is_parsed(train_node):
+    node = train_node()
+    results, calcfunction = parse(node)
+    assert calcfunction.is_finished_ok, calcfunction.exit_message
+    metrics = results['metrics'].get_dict()
+    assert set(metrics['versions']) == {'python', 'numpy', 'pyscf', 'torch', 'aiida_dm21'}
+    assert metrics['n_train_systems'] == 2
+    assert np.all(np.isfinite(results['loss_curves'].get_array('loss')))
+    assert results['checkpoint'].base.attributes.get('source') == 'trained'
+    assert cache_valid_after(node, 0)
+
+
+@pytest.mark.parametrize('scheduler_status', [110, 120, 140])
+def test_scheduler_kill_reaches_the_parser(train_node, scheduler_status):
+    """The node is not finished while it is parsed: the scheduler's code must be read all the same."""
+    node = train_node(drop=OUTPUTS, exit_status=scheduler_status)
+    assert not node.is_finished
+    results, calcfunction = parse(node)
+    assert calcfunction.exit_status == scheduler_status, calcfunction.exit_message
+    assert not results
+    assert not cache_valid_after(node, scheduler_status)
+
+
+def test_scheduler_walltime_with_half_written_metrics(train_node):
+    node = train_node(files={'metrics.json': b'{"before": {"train": {"mae_'}, exit_status=120)
+    results, calcfunction = parse(node)
+    assert calcfunction.exit_status == 120
+    assert not results
+
+
+@pytest.mark.parametrize('missing', OUTPUTS)
+def test_missing_output_without_scheduler_verdict(train_node, missing):
+    node = train_node(drop=(missing,))
+    results, calcfunction = parse(node)
+    assert calcfunction.exit_status == 300 and missing in calcfunction.exit_message
+    assert not results
+    assert not cache_valid_after(node, 300)
+
+
+def test_interrupted_training(train_node):
+    node = train_node(drop=OUTPUTS, files={'interrupted.json': b'{"epochs_done": 3}'}, exit_status=120)
+    results, calcfunction = parse(node)
+    assert calcfunction.exit_status == 310 and 'after 3 epochs' in calcfunction.exit_message
+    assert not results
+
+
+@pytest.mark.parametrize(
+    ('edit', 'status', 'key'),
+    [
+        (
+            _edit_json('metrics.json', lambda m: m['after']['train'].update(mae_all_mha=NAN)),
+            411,
+            'after.train.mae_all_mha',
+        ),
+        (_edit_json('metrics.json', lambda m: m.update(wall_s=float('inf'))), 411, '`metrics.json:wall_s`'),
+        (_edit_history('loss', 0, NAN), 410, 'loss of epoch 1'),
+        (_edit_history('wall_s', 0, float('inf')), 411, 'history.npz:wall_s'),
+    ],
+)
+def test_non_finite_outputs_are_not_stored(train_node, edit, status, key):
+    node = train_node(edit=edit)
+    results, calcfunction = parse(node)  # orm.Dict would refuse the NaN: the process must not except
+    assert calcfunction.is_finished and not calcfunction.is_excepted
+    assert calcfunction.exit_status == status and key in calcfunction.exit_message
+    assert not results
+    assert not cache_valid_after(node, status)
+
+
+def test_nan_weights_are_not_stored(train_node, tmp_path):
+    import torch
+
+    from aiida_dm21.functional.checkpoint import save_checkpoint
+    from aiida_dm21.functional.model import DM21Network
+
+    network = DM21Network()
+    with torch.no_grad():
+        next(network.parameters()).view(-1)[0] = float('nan')
+    path = tmp_path / 'nan.safetensors'
+    save_checkpoint(path, network, {'name': 'trained', 'source': 'trained'})  # a consistent file, weights NaN
+    results, calcfunction = parse(train_node(files={'checkpoint.safetensors': path.read_bytes()}))
+    assert calcfunction.exit_status == 411 and 'checkpoint.safetensors:' in calcfunction.exit_message
+    assert not results
+
+
+@pytest.mark.parametrize(
+    ('category', 'scheduler', 'status'),
+    [
+        ('non_finite_loss', None, 410),
+        ('unsupported_input', None, 420),
+        ('unsupported_format', None, 421),
+        ('internal_error', None, 350),
+        ('internal_error', 110, 110),
+    ],
+)
+def test_runner_errors(train_node, category, scheduler, status):
+    error = {'format_version': 1, 'error': {'category': category, 'message': 'it went wrong'}}
+    node = train_node(drop=OUTPUTS, files={'error.json': json.dumps(error).encode()}, exit_status=scheduler)
+    results, calcfunction = parse(node)
+    assert calcfunction.exit_status == status
+    if scheduler is None:
+        assert 'it went wrong' in calcfunction.exit_message
+    assert not results
+
+
+# --- the runner itself -------------------------------------------------------------------------------------
+
+
+def test_nan_loss_ends_in_a_categorised_error(tmp_path, hydrogen_systems, retrieved_calc_node, capfd):
+    """A real training whose target is NaN (a broken reference): error.json, exit 3, parser 410 naming the system."""
+    broken = [dataclasses.replace(hydrogen_systems[0], e_xc_target=NAN), *hydrogen_systems[1:]]
+    status, folder = _train_folder(tmp_path / 'job', broken)
+    assert status == 3
+    error = json.loads((folder / 'error.json').read_text())['error']
+    assert error['category'] == 'non_finite_loss' and error['system'] == 'H' and error['epoch'] == 1
+    assert 'Traceback' not in capfd.readouterr().err
+    assert not any((folder / name).exists() for name in OUTPUTS)
+    assert (folder / 'state').is_dir()  # a restart copies it: it exists even before the first save
+    results, calcfunction = parse(retrieved_calc_node(folder, plugin='dm21.train'))
+    assert calcfunction.exit_status == 410 and 'non-finite loss' in calcfunction.exit_message
+    assert 'on H at epoch 1' in calcfunction.exit_message
+    assert not results
+
+
+@pytest.mark.parametrize('version', [99, None])
+def test_runner_refuses_an_unknown_input_format(tmp_path, hydrogen_systems, retrieved_calc_node, version):
+    status, folder = _train_folder(tmp_path / 'job', hydrogen_systems, format_version=version)
+    assert status == 2
+    payload = json.loads((folder / 'error.json').read_text())
+    assert payload['error']['category'] == 'unsupported_format'
+    assert set(payload['versions']) == {'python', 'numpy', 'pyscf', 'torch', 'aiida_dm21'}
+    assert not any((folder / name).exists() for name in OUTPUTS)
+    _, calcfunction = parse(retrieved_calc_node(folder, plugin='dm21.train'))
+    assert calcfunction.exit_status == 421 and 'reads format_version 1' in calcfunction.exit_message
+
+
+def test_runner_refuses_bad_hyperparameters(tmp_path, hydrogen_systems, retrieved_calc_node):
+    status, folder = _train_folder(tmp_path / 'job', hydrogen_systems, hyperparameters={'epoch': 2})
+    assert status == 2
+    _, calcfunction = parse(retrieved_calc_node(folder, plugin='dm21.train'))
+    assert calcfunction.exit_status == 420 and 'unknown training hyper-parameters' in calcfunction.exit_message
