@@ -230,3 +230,140 @@ def test_hand_written_features_and_potential_equal_autograd(ns, fused, screened,
     torch.testing.assert_close(fb.rho.t(), rho.detach(), rtol=1e-12, atol=1e-14)
     got = _block_potential(fb, ao, weights, f, g_feats)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+# --- screened, budgeted local-HF integrals ---------------------------------------------------------------
+
+
+def _octane():
+    """A zig-zag n-octane (STO-3G, 58 AOs, 11 A long): long enough that screening leaves AOs out."""
+    atoms = []
+    for i in range(8):
+        x, z, up = 1.27 * i, (0.44 if i % 2 else -0.44), (1 if i % 2 else -1)
+        atoms += [('C', (x, 0, z)), ('H', (x, 0.88, z + up * 0.63)), ('H', (x, -0.88, z + up * 0.63))]
+    atoms += [('H', (-0.9, 0, -0.9)), ('H', (1.27 * 7 + 0.9, 0, 0.88))]
+    return gto.M(atom=atoms, basis='sto-3g', verbose=0)
+
+
+@pytest.fixture(scope='module')
+def octane_case():
+    mol = _octane()
+    grids = dft.gen_grid.Grids(mol)
+    grids.level = 0
+    grids.build(with_non0tab=True)
+    dm = dft.RKS(mol, xc='b3lyp5').run(conv_tol=1e-7).make_rdm1()
+    return mol, grids, dm
+
+
+def _evaluate(network, case, **options):
+    mol, grids, dm = case
+    ni = DM21NumInt(network, **options)
+    result = ni.evaluate(mol, grids, dm[None] / 2, restricted=True)
+    return ni, result
+
+
+@pytest.fixture(scope='module')
+def octane_dense(dm21_network, octane_case):
+    return _evaluate(dm21_network, octane_case, screening=0.0, nu_dtype=torch.float64)[1]
+
+
+@pytest.mark.parametrize('threshold', [1e-5, 1e-4])
+def test_screened_energy_and_potential_follow_the_dense_ones(dm21_network, octane_case, octane_dense, threshold):
+    """Screening leaves AOs out (checked) and E_xc stays within the threshold of the dense evaluation.
+
+    The threshold is an estimate of the error bound; measured errors are 300-3,000x smaller (docs/core.md).
+    """
+    ni, screened = _evaluate(dm21_network, octane_case, screening=threshold)
+    plan = ni._plan_cache
+    assert plan.kept_pairs < 0.999 * plan.ngrid * plan.nao * (plan.nao + 1) / 2  # something was screened out
+    error = abs(screened.exc - octane_dense.exc)
+    print(f'screening {threshold:g}: kept {plan.describe(ni).split("keeps ")[1][:6]}, |dE_xc| = {error:.1e} Ha')
+    assert error < min(1e-6, threshold)
+    assert np.abs(screened.vxc - octane_dense.vxc).max() < 1e-4
+
+
+def test_default_screening_and_float32_storage_equal_dense_to_1e6(dm21_network, octane_case, octane_dense):
+    _, default = _evaluate(dm21_network, octane_case)
+    assert abs(default.exc - octane_dense.exc) < 1e-6
+
+
+def test_cache_within_budget_gives_the_same_energy_and_says_so(dm21_network, octane_case, octane_dense):
+    """A budget too small for every block caches some, recomputes the rest, and the log line says which."""
+    mol, grids, dm = octane_case
+    full, _ = _evaluate(dm21_network, octane_case, screening=0.0, nu_dtype=torch.float64)
+    needed_mb = full._plan_cache.nu_bytes_needed / 1e6
+    ao_mb = 4 * len(grids.weights) * mol.nao * 8 / 1e6
+    ni, first = _evaluate(dm21_network, octane_case, screening=0.0, nu_dtype=torch.float64,
+                          memory_budget_mb=2 * ao_mb + 0.5 * needed_mb)  # fmt: skip
+    line = ni._plan_cache.describe(ni)
+    assert 'budget' in line and 'memory_budget_mb' in line
+    assert 'blocks, the rest recomputed at every evaluation' in line, line
+    second = ni.evaluate(mol, grids, dm[None] / 2, restricted=True)  # half from the cache, half recomputed
+    assert first.exc == pytest.approx(octane_dense.exc, abs=1e-12)
+    assert second.exc == pytest.approx(octane_dense.exc, abs=1e-12)
+    nothing, _ = _evaluate(dm21_network, octane_case, screening=0.0, memory_budget_mb=0.0)
+    assert 'not cached: recomputed at every evaluation' in nothing._plan_cache.describe(nothing)
+
+
+def test_cached_screening_follows_the_density_matrix(dm21_network, octane_case):
+    """Reusing cached screened integrals for a new density gives what a fresh evaluation of it gives."""
+    mol, grids, dm = octane_case
+    ni, _ = _evaluate(dm21_network, octane_case, screening=1e-4)
+    other = dm + 0.05 * np.random.default_rng(1).normal(size=dm.shape) * (np.abs(dm) > 0)
+    other = 0.5 * (other + other.T)
+    reused = ni.evaluate(mol, grids, other[None] / 2, restricted=True)
+    fresh = DM21NumInt(dm21_network, screening=1e-4).evaluate(mol, grids, other[None] / 2, restricted=True)
+    assert reused.exc == pytest.approx(fresh.exc, abs=1e-9)
+
+
+def test_scf_logs_the_integral_path_and_uses_max_memory_when_set(dm21_network, tmp_path):
+    mol = gto.M(atom=WATER, basis='sto-3g', verbose=3, output=str(tmp_path / 'scf.log'))
+    mf = RKS(mol, dm21_network)
+    mf.init_guess = 'minao'
+    mf.grids.level = 0
+    mf.max_memory = 1.0  # MB: far too little to cache anything
+    mf.kernel()
+    log = (tmp_path / 'scf.log').read_text()
+    lines = [line for line in log.splitlines() if line.startswith('DM21 local-HF integrals')]
+    assert len(lines) == 1, log  # one line, at the start of the SCF
+    assert 'max_memory' in lines[0] and 'not cached' in lines[0]
+    automatic = RKS(gto.M(atom=WATER, basis='sto-3g', verbose=0), dm21_network)
+    automatic.grids.level = 0
+    automatic.init_guess = 'minao'
+    automatic.kernel()
+    assert automatic._numint._plan_cache.budget_why == 'half the available memory'
+    assert automatic.e_tot == pytest.approx(mf.e_tot, abs=1e-6)
+
+
+@pytest.mark.parametrize('bad', [-1e-6, float('nan'), float('inf'), 'tight', None])
+def test_bad_screening_thresholds_are_refused(dm21_network, bad):
+    with pytest.raises(ValueError, match='screening must be'):
+        DM21NumInt(dm21_network, screening=bad)
+    with pytest.raises(ValueError, match='screening must be'):
+        RKS(_lih(), dm21_network, screening=bad)
+
+
+def test_bad_nu_dtype_is_refused(dm21_network):
+    with pytest.raises(ValueError, match='nu_dtype'):
+        DM21NumInt(dm21_network, nu_dtype=torch.float16)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has a GPU')
+def test_cuda_is_refused_on_a_machine_without_gpu(dm21_network):
+    """A GPU request on a CPU-only machine is refused when the SCF object is made, never run on the CPU."""
+    from aiida_dm21.functional.numint import DeviceUnavailableError
+
+    for device in ('cuda', 'cuda:0'):
+        with pytest.raises(DeviceUnavailableError, match='sees no CUDA GPU'):
+            RKS(_lih(), dm21_network, device=device)
+    with pytest.raises(ValueError, match='not a device name'):
+        RKS(_lih(), dm21_network, device='gpu please')
+    with pytest.raises(ValueError, match='not supported'):
+        RKS(_lih(), dm21_network, device='meta')
+
+
+def test_available_memory_is_positive_and_bounded():
+    from aiida_dm21.functional.numint import available_memory_mb
+
+    mb = available_memory_mb()
+    assert 0 < mb < 1e8
