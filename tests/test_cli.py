@@ -57,3 +57,14 @@ def test_run_rejects_bad_molecules(weights_env):
     assert result.exit_code == 1 and 'cannot build the molecule' in result.output
     result = runner.invoke(main, ['run', 'h2', '--basis', 'sto-3g', '-f', 'DM99'])
     assert result.exit_code == 1 and 'unknown functional' in result.output
+
+
+@pytest.mark.skipif(__import__('torch').cuda.is_available(), reason='this machine has a GPU')
+def test_run_refuses_cuda_without_gpu(weights_env):
+    from click.testing import CliRunner
+
+    from aiida_dm21.cli import main
+
+    result = CliRunner().invoke(main, ['run', 'h2', '--basis', 'sto-3g', '--device', 'cuda'])
+    assert result.exit_code == 1
+    assert 'sees no CUDA GPU' in result.output and 'Traceback' not in result.output

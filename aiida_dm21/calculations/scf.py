@@ -14,6 +14,8 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
+import re
 import typing as t
 import warnings
 
@@ -109,6 +111,19 @@ def _direction(value: t.Any) -> str | None:
     return None
 
 
+def _finite_at_least_zero(value: t.Any) -> str | None:
+    return None if math.isfinite(value) and value >= 0 else f'{value!r} must be a finite number >= 0'
+
+
+_DEVICE = re.compile(r'^(cpu|cuda(:\d+)?)$')
+
+
+def _device(value: t.Any) -> str | None:
+    # only the form here: whether the GPU exists is checked on the compute node, where the job runs (a CPU-only
+    # submitting machine may ask for a GPU)
+    return None if _DEVICE.match(value) else f"{value!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'"
+
+
 def _non_empty(value: t.Any) -> str | None:
     return None if value.strip() else 'must not be empty'
 
@@ -142,6 +157,19 @@ PARAMETERS: dict[str, Parameter] = {
         'Fock damping factor in [0, 1) for cycles 1-3 (DIIS then starts at 4)',
         _between(0, 1, high_open=True),
     ),
+    'device': Parameter(
+        (str,),
+        'cpu',
+        "where the network, features, potential and integrals run: 'cpu', 'cuda' or 'cuda:N' (checked on the "
+        'compute node: no silent fallback to the CPU)',
+        _device,
+    ),
+    'screening': Parameter(
+        (float, int),
+        1e-5,  # aiida_dm21.functional.numint.DEFAULT_SCREENING (not imported: it would load PyTorch here)
+        'local-HF integral screening threshold (Ha, an estimated bound on the E_xc error); 0: dense',
+        _finite_at_least_zero,
+    ),
     'newton': Parameter(
         (bool,),
         False,
@@ -173,7 +201,7 @@ def resolve_parameters(value: orm.Dict | t.Mapping[str, t.Any]) -> dict[str, t.A
     data = value.get_dict() if isinstance(value, orm.Dict) else dict(value)
     resolved = {key: spec.default for key, spec in PARAMETERS.items()}
     resolved.update({key: val for key, val in data.items() if val is not None})
-    for key in ('conv_tol', 'conv_tol_grad', 'level_shift', 'damp'):
+    for key in ('conv_tol', 'conv_tol_grad', 'level_shift', 'damp', 'screening'):
         resolved[key] = float(resolved[key])
     return resolved
 

@@ -157,18 +157,30 @@ def _build_molecule(molecule: str, basis: str, charge: int, spin: int | None):
 @click.option('--charge', default=0, show_default=True)
 @click.option('--spin', default=None, type=int, help='2S (number of unpaired electrons); default from the molecule.')
 @click.option('--grid-level', default=3, show_default=True)
+@click.option(
+    '--device', default='cpu', show_default=True, help='cpu, cuda or cuda:N (refused where there is no such GPU).'
+)
 @click.option('--json', 'as_json', is_flag=True, help='Print the results as JSON.')
-def run_scf(molecule: str, functional: str, basis: str, charge: int, spin: int | None, grid_level: int, as_json: bool):
+def run_scf(
+    molecule: str,
+    functional: str,
+    basis: str,
+    charge: int,
+    spin: int | None,
+    grid_level: int,
+    device: str,
+    as_json: bool,
+):
     """Run a DM21 SCF in this process (no AiiDA) on MOLECULE: a name (water, h2, h, ch3, ne), an xyz file
     or a PySCF atom string."""
     from ..functional.checkpoint import CheckpointError
-    from ..functional.numint import UnsupportedSystemError
+    from ..functional.numint import DeviceUnavailableError, UnsupportedSystemError
     from ..functional.scf import KS
 
     mol = _build_molecule(molecule, basis, charge, spin)
     try:
-        mf = KS(mol, functional)
-    except (CheckpointError, UnsupportedSystemError, ValueError) as exc:
+        mf = KS(mol, functional, device=device)
+    except (CheckpointError, UnsupportedSystemError, DeviceUnavailableError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     mf.grids.level = grid_level
     start = time.perf_counter()
@@ -183,6 +195,7 @@ def run_scf(molecule: str, functional: str, basis: str, charge: int, spin: int |
         'converged': bool(mf.converged),
         'ngrid': len(mf.grids.weights),
         'wall_s': round(time.perf_counter() - start, 2),
+        'device': device,
     }
     if as_json:
         click.echo(json.dumps(result, indent=2))

@@ -173,6 +173,7 @@ def scf() -> None:
 )
 @click.option('--grid-level', default=None, type=click.IntRange(0, 9), help="Grid level (default: the protocol's).")
 @click.option('--walltime', default=None, type=click.IntRange(min=1), help='max_wallclock_seconds of each job.')
+@click.option('--device', default=None, help='cpu, cuda or cuda:N (checked on the compute node; default cpu).')
 @click.option('--code', 'code_spec', default=None, help='Code label or pk (default: dm21-python@localhost, created).')
 @click.option('--daemon', is_flag=True, help='Submit to the AiiDA daemon instead of running in this process.')
 @PROFILE
@@ -185,6 +186,7 @@ def launch(
     multiplicity: int | None,
     grid_level: int | None,
     walltime: int | None,
+    device: str | None,
     code_spec: str | None,
     daemon: bool,
     profile: str | None,
@@ -205,6 +207,8 @@ def launch(
         parameters['basis'] = basis
     if grid_level is not None:
         parameters['grid_level'] = grid_level
+    if device is not None:
+        parameters['device'] = device
     overrides: dict[str, t.Any] = {'scf': {'parameters': parameters}} if parameters else {}
     try:
         builder = DM21ScfWorkChain.get_builder_from_protocol(

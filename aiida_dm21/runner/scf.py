@@ -24,7 +24,9 @@ key                    meaning
 ``checkpoint``         checkpoint file name (``checkpoint.safetensors``)
 ``restart_density``    optional ``.npy`` density matrix to start from
 ``walltime_seconds``   optional: stop cleanly (saving the density) before this much time
-``max_memory_mb``      optional: PySCF ``max_memory``
+``max_memory_mb``      optional: PySCF ``max_memory`` (bounds the integral cache)
+``device``             optional: ``cpu`` (default), ``cuda`` or ``cuda:N``; refused here if absent
+``screening``          optional: local-HF screening threshold (Ha), 0 for dense
 =====================  =====================================================================
 
 It writes ``results.json`` (always, also after errors) and ``density_matrix.npy`` (whenever an SCF
@@ -161,6 +163,7 @@ def build_molecule(data: dict[str, Any]):
 def make_scf(mol, data: dict[str, Any], checkpoint: Path):
     from aiida_dm21.functional import atoms, scf
     from aiida_dm21.functional.checkpoint import CheckpointError, load_network
+    from aiida_dm21.functional.numint import DeviceUnavailableError
 
     if not checkpoint.is_file():
         raise RunnerError('checkpoint_unreadable', f'checkpoint file {checkpoint} does not exist')
@@ -171,9 +174,12 @@ def make_scf(mol, data: dict[str, Any], checkpoint: Path):
     scf_type = data['scf_type']
     if scf_type == 'auto':
         scf_type = 'RKS' if mol.spin == 0 else 'UKS'
+    options = {key: data[key] for key in ('device', 'screening') if data.get(key) is not None}
     try:
-        mf = getattr(scf, scf_type)(mol, network)
+        mf = getattr(scf, scf_type)(mol, network, **options)
     except ValueError as exc:  # includes UnsupportedSystemError (periodic, ECP, no electrons) and RKS + open shell
+        raise RunnerError('unsupported_input', str(exc)) from exc
+    except DeviceUnavailableError as exc:  # a GPU asked for on a node without one: never a silent CPU run
         raise RunnerError('unsupported_input', str(exc)) from exc
     mf.functional = metadata.get('name', mf.functional)
     mf.checkpoint_metadata = metadata

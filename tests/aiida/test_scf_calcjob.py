@@ -208,6 +208,13 @@ def test_alloy_refused(inputs, count_nodes):
         (H2, {'open_shell_direction': 'up'}, "neither 'lowest' nor a non-zero 3-vector"),
         (H2, {'open_shell_direction': [0, 0, 0]}, "neither 'lowest' nor a non-zero 3-vector"),
         (H2, {'basis': 'no-such-basis'}, "basis 'no-such-basis' cannot be used"),
+        (H2, {'device': 'gpu'}, "'gpu' is not a device"),
+        (H2, {'device': 'cuda:x'}, "'cuda:x' is not a device"),
+        (H2, {'device': 0}, '`device` must be str'),
+        (H2, {'screening': -1e-6}, 'must be a finite number >= 0'),
+        (H2, {'screening': float('inf')}, 'must be a finite number >= 0'),
+        (H2, {'screening': float('nan')}, 'must be a finite number >= 0'),
+        (H2, {'screening': 'tight'}, '`screening` must be float or int'),
     ],
 )
 def test_bad_parameters_refused(inputs, count_nodes, atoms, parameters, match):
@@ -236,9 +243,19 @@ def test_bad_restart_density_refused(inputs, count_nodes, array, match):
 
 def test_validate_parameters_direct():
     assert validate_parameters({'basis': 'sto-3g'}) is None
+    # a CPU-only submitting machine may ask for a GPU: only the form is checked here, the GPU on the node
+    assert validate_parameters({'basis': 'sto-3g', 'device': 'cuda:1', 'screening': 0}) is None
     assert validate_parameters({'basis': 'sto-3g', 'conv_tol': 1e-8, 'newton': True, 'level_shift': 0.2}) is None
     assert validate_parameters({'basis': 'sto-3g', 'open_shell_direction': 'lowest'}) is None
     assert validate_parameters({'basis': 'sto-3g', 'open_shell_direction': [0, 0.5, 1]}) is None
     message = validate_parameters({'basis': 'sto-3g', 'a': 1, 'b': 2})
     assert "'a', 'b'" in message
     assert 'accepted: basis, charge' in message
+
+
+def test_screening_default_is_the_cores():
+    """The plugin layer states the default without importing PyTorch; it must be the core's."""
+    from aiida_dm21.calculations.scf import PARAMETERS
+    from aiida_dm21.functional.numint import DEFAULT_SCREENING
+
+    assert PARAMETERS['screening'].default == DEFAULT_SCREENING

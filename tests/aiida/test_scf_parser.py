@@ -183,6 +183,16 @@ def test_runner_unknown_basis_gives_420(tmp_path, dm21_checkpoint_file, retrieve
     assert 'PySCF cannot build the molecule' in calcfunction.exit_message
 
 
+@pytest.mark.skipif(__import__('torch').cuda.is_available(), reason='this machine has a GPU')
+def test_runner_refuses_a_gpu_the_node_does_not_have(tmp_path, dm21_checkpoint_file, retrieved_calc_node):
+    """device='cuda' passes validation on the submitting side and is refused on the node: 420, never a CPU run."""
+    folder, status = _runner_folder(tmp_path, dict(H2_INPUT, device='cuda'), dm21_checkpoint_file.read_bytes())
+    assert status == 2
+    _, calcfunction = parse(retrieved_calc_node(folder))
+    assert calcfunction.exit_status == 420
+    assert 'sees no CUDA GPU' in calcfunction.exit_message
+
+
 def test_runner_bad_input_json(tmp_path):
     from aiida_dm21.runner.scf import run
 
