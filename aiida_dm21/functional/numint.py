@@ -317,7 +317,7 @@ class DM21NumInt(pyscf_numint.NumInt):
             plan.cached_bytes -= block.nu.numel() * block.nu.element_size()
             block.nu = block.nu_shells = block.nu_idx = None
             plan.regrown += 1
-        idx = plan.shell_aos(shells)
+        idx = plan.shell_aos(shells).to(self.device)
         t0 = time.perf_counter()
         nu = self._nu(mol, block.coords, shells, len(idx))
         self.timings.integrals_computed += time.perf_counter() - t0
