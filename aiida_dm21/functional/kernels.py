@@ -99,7 +99,8 @@ def _self_check() -> bool:
         nu = nu + nu.transpose(0, 1, 3, 2)  # symmetric, as the integrals are
         rows, cols = np.tril_indices(2)
         nu_x, hfx = np.empty((2, 5, 1, 2)), np.empty((2, 5, 1))
-        point_features(ao, xs, ys, np.ascontiguousarray(nu[:, :, rows, cols]), idx, rho, grad_rho, tau, nu_x, hfx)
+        packed = np.ascontiguousarray(nu[:, :, rows, cols])
+        point_features(ao, xs, ys, packed, np.ascontiguousarray(xs[..., idx]), rho, grad_rho, tau, nu_x, hfx)
         ok &= np.allclose(rho[:, 0], np.einsum('gb,gb->g', xs[:, 0], ao[0]))
         ok &= np.allclose(nu_x[:, :, 0], np.einsum('wgbd,gd->wgb', nu.astype(np.float64), xs[:, 0, idx]))
         rhs = np.empty((4, 5, 1, 3))
@@ -227,9 +228,9 @@ if numba is not None:
                 grad_z[i, j] = rs * (grad_z[i, j] - mean_g - ((a[i, j] + b[i, j]) - m) * rs * mean_gx)
 
     @_compiled
-    def _point_features(ao, x, y, nu, idx, rho, grad, tau, nu_x, hfx):  # pragma: no cover - compiled
+    def _point_features(ao, x, y, nu, xs, rho, grad, tau, nu_x, hfx):  # pragma: no cover - compiled
         n_omega, points, nao = nu.shape[0], ao.shape[1], ao.shape[2]
-        spins, n_kept = x.shape[1], idx.shape[0]
+        spins, n_kept = x.shape[1], xs.shape[2]
         for g in prange(points):
             for s in range(spins):
                 r = 0.0
@@ -252,20 +253,18 @@ if numba is not None:
                 for w in range(n_omega):  # nu packed: lower triangle (b >= d) row by row
                     for b in range(n_kept):
                         nu_x[w, g, s, b] = 0.0
-                    p = 0
                     for b in range(n_kept):
-                        xb = x[g, s, idx[b]]
+                        xb = xs[g, s, b]
+                        row = b * (b + 1) // 2
                         acc = 0.0
                         for d in range(b):
-                            v = nu[w, g, p]
-                            acc += v * x[g, s, idx[d]]
+                            v = nu[w, g, row + d]
+                            acc += v * xs[g, s, d]
                             nu_x[w, g, s, d] += v * xb
-                            p += 1
-                        nu_x[w, g, s, b] += acc + nu[w, g, p] * xb
-                        p += 1
+                        nu_x[w, g, s, b] += acc + nu[w, g, row + b] * xb
                     e = 0.0
                     for b in range(n_kept):
-                        e += nu_x[w, g, s, b] * x[g, s, idx[b]]
+                        e += nu_x[w, g, s, b] * xs[g, s, b]
                     hfx[w, g, s] = -0.5 * e
 
     @_compiled
@@ -309,17 +308,17 @@ def tanh_(x: np.ndarray) -> None:
     _tanh_inplace(x)
 
 
-def point_features(ao, x, y, nu, idx, rho, grad, tau, nu_x, hfx) -> None:
+def point_features(ao, x, y, nu, xs, rho, grad, tau, nu_x, hfx) -> None:
     """Per grid point (float64): rho, grad rho, tau, nu E and the local-HF energy densities of each spin.
 
     ``ao`` (4, g, nao) AO values and gradients, ``x`` (g, ns, nao) = chi D, ``y`` (3, g, ns, nao) = grad chi D,
-    ``idx`` (k,) int64: the AOs b whose E_b = x[..., b] enter the local-HF energies (screening), ``nu``
+    ``xs`` (g, ns, k) = x[..., idx]: the E_b of the AOs that enter the local-HF energies (screening), ``nu``
     (n_omega, g, k (k + 1) / 2) the integrals over those AOs, the lower triangle (b >= d) packed row by row
     (:func:`pack_index`; float64 or float32, products accumulate in float64).
     Fills ``rho`` (g, ns), ``grad`` (3, g, ns), ``tau`` (g, ns), ``nu_x`` (n_omega, g, ns, k) and ``hfx``
     (n_omega, g, ns).
     """
-    _point_features(ao, x, y, nu, idx, rho, grad, tau, nu_x, hfx)
+    _point_features(ao, x, y, nu, xs, rho, grad, tau, nu_x, hfx)
 
 
 def pack_index(k: int) -> tuple[np.ndarray, np.ndarray]:

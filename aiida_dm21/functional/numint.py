@@ -614,7 +614,8 @@ def _block_features(
             torch.empty_like(x[..., 0]),
         )
         nu_x, hfx = torch.empty(n_omega, g, ns, k, dtype=x.dtype), torch.empty(n_omega, g, ns, dtype=x.dtype)
-        kernels.point_features(*(t.numpy() for t in (ao, x, y, nu, idx, rho, grad, tau, nu_x, hfx)))
+        xs = x[..., idx].contiguous()  # gathered once: the kernel's inner loops then run over contiguous rows
+        kernels.point_features(*(t.numpy() for t in (ao, x, y, nu, xs, rho, grad, tau, nu_x, hfx)))
     else:
         dens = (x.unsqueeze(0) * ao.unsqueeze(2)).sum(-1)  # (4, g, ns): rho and half its gradient
         rho, grad = dens[0], 2.0 * dens[1:]
