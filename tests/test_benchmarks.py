@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -18,3 +19,47 @@ def test_scf_speed_refuses_a_bad_repeat_count(value, message):
     )
     assert result.returncode == 2
     assert '--repeat' in result.stderr and message in result.stderr
+
+
+SCALE = SCF_SPEED.with_name('scale.py')
+
+
+@pytest.mark.parametrize(
+    ('args', 'message'),
+    [
+        (['--timeout', '0'], '--timeout must be positive'),
+        (['--systems', 'c3po'], "invalid choice: 'c3po'"),
+        pytest.param(
+            ['--device', 'cuda'],
+            'sees no CUDA GPU',
+            marks=pytest.mark.skipif(__import__('torch').cuda.is_available(), reason='this machine has a GPU'),
+        ),
+        (['--device', 'quantum'], 'not a device name'),
+    ],
+)
+def test_scale_refuses_bad_options_before_any_work(args, message):
+    command = [sys.executable, str(SCALE), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_scale_alkanes_and_slope():
+    """The alkane geometries are C_nH_2n+2 with C-C 1.53 A and no clashes; the slope fit recovers an exponent."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location('scale', SCALE)
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    for n in (2, 4, 8, 16):
+        atoms = scale.alkane(n)
+        symbols = [s for s, _ in atoms]
+        assert symbols.count('C') == n and symbols.count('H') == 2 * n + 2
+        xyz = np.array([p for _, p in atoms])
+        d = np.linalg.norm(xyz[:, None] - xyz[None], axis=-1) + 10 * np.eye(len(xyz))
+        carbons = [i for i, s in enumerate(symbols) if s == 'C']
+        assert np.allclose([d[i, j] for i, j in itertools.pairwise(carbons)], 1.53, atol=1e-3)
+        assert d.min() > 0.9  # every pair of atoms at least a C-H bond apart
+    assert scale.slope([(a, 3.0 * a**2.5) for a in (8, 14, 26, 50)]) == pytest.approx(2.5)
