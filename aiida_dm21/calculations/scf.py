@@ -290,6 +290,11 @@ def validate_restart_density(value: orm.ArrayData, _: t.Any = None) -> str | Non
 
 def validate_inputs(inputs: dict[str, t.Any], ctx: t.Any = None) -> str | None:
     """Cross-checks: electron count vs charge and multiplicity, basis availability, restart density size."""
+    options = (inputs.get('metadata') or {}).get('options') or {}
+    for key in ('max_wallclock_seconds', 'max_memory_kb'):
+        value = options.get(key)
+        if value is not None and value < 1:
+            return f'metadata.options.{key} must be >= 1 if given, got {value}'
     structure, parameters = inputs.get('structure'), inputs.get('parameters')
     if structure is None or parameters is None:
         return None

@@ -32,7 +32,10 @@ def read_xyz(path: Path) -> list[tuple[str, list[float]]]:
 
     :raises click.ClickException: a line that is not ``symbol x y z``, or no atoms at all.
     """
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f'{path} is not a readable xyz text file: {exc}') from exc
     if lines and lines[0].strip().isdigit():
         lines = lines[2:]
     atoms = []

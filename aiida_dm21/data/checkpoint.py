@@ -31,7 +31,12 @@ from aiida.orm import QueryBuilder, SinglefileData
 from aiida.orm.nodes.caching import NodeCaching
 from aiida.orm.pydantic import OrmMetadataField
 
-from aiida_dm21.functional.checkpoint import CheckpointError, network_from_tensors, read_checkpoint
+from aiida_dm21.functional.checkpoint import (
+    CheckpointError,
+    check_checkpoint_name,
+    network_from_tensors,
+    read_checkpoint,
+)
 
 if t.TYPE_CHECKING:
     from aiida_dm21.functional.model import DM21Network
@@ -168,6 +173,10 @@ class DM21CheckpointData(SinglefileData):
         key = pathlib.PurePath(filename).name if filename is not None else source_name or cls.DEFAULT_FILENAME
         if not key.endswith('.safetensors'):
             key = f'{key}.safetensors'
+        try:
+            check_checkpoint_name(key[: -len('.safetensors')])
+        except CheckpointError as exc:
+            raise DM21CheckpointError(f'refusing the file name {filename or source_name!r}: {exc}') from exc
         return content, key, metadata
 
     def _set_prepared(self, content: bytes, key: str, metadata: dict[str, t.Any]) -> None:
