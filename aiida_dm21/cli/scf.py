@@ -224,6 +224,9 @@ def launch(
         )
     except ProtocolError as exc:
         raise click.ClickException(str(exc)) from exc
+    except ValueError as exc:  # an input port refused a value when the builder was filled (e.g. the structure)
+        message = str(exc).removeprefix('invalid attribute value ')
+        raise click.ClickException(f'the inputs were refused: {message}') from exc
     parameters = builder.scf.parameters.get_dict()
     what = f'{checkpoint.name}/{parameters["basis"]} {molecule.get_formula()} ({protocol})'
 
