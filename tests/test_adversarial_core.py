@@ -203,6 +203,13 @@ BAD_RUNNER_INPUTS = {
     'float-charge': ({**H2, 'charge': 0.5}, 'charge must be an integer'),
     'zero-multiplicity': ({**H2, 'multiplicity': 0}, 'multiplicity an integer >= 1'),
     'impossible-spin': ({**H2, 'multiplicity': 2}, 'PySCF cannot build the molecule'),
+    'grid-level-word': ({**H2, 'grid_level': 'fine'}, '`grid_level` must be an integer'),
+    'grid-level-ten': ({**H2, 'grid_level': 10}, '`grid_level` must be <= 9'),
+    'max-cycle-zero': ({**H2, 'max_cycle': 0}, '`max_cycle` must be >= 1'),
+    'conv-tol-zero': ({**H2, 'conv_tol': 0.0}, '`conv_tol` must be > 0.0'),
+    'conv-tol-infinite': ({**H2, 'conv_tol': 1e400}, '`conv_tol` must be finite'),
+    'damp-above-one': ({**H2, 'damp': 2.0}, '`damp` must be <= 1.0'),
+    'max-memory-negative': ({**H2, 'max_memory_mb': -1}, '`max_memory_mb` must be > 0.0'),
 }
 
 

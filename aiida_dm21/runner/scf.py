@@ -142,7 +142,40 @@ def read_input(path: Path) -> dict[str, Any]:
     guess = data.get('init_guess')
     if guess is not None and guess not in INIT_GUESSES:
         raise RunnerError('unsupported_input', f'init_guess {guess!r} is not one of {", ".join(INIT_GUESSES)}')
+    for key, (kind, low, high, strict) in NUMERIC_INPUTS.items():
+        problem = _numeric_problem(data.get(key), kind, low, high, strict)
+        if problem:
+            raise RunnerError('unsupported_input', f'`{key}` {problem}, got {data[key]!r}')
     return data
+
+
+#: Numeric keys of ``input.json``: (type, lowest, highest, lowest excluded); ``None`` means unbounded.
+NUMERIC_INPUTS: dict[str, tuple[type, float | None, float | None, bool]] = {
+    'grid_level': (int, 0, 9, False),
+    'max_cycle': (int, 1, None, False),
+    'conv_tol': (float, 0.0, None, True),
+    'conv_tol_grad': (float, 0.0, None, True),
+    'level_shift': (float, 0.0, None, False),
+    'damp': (float, 0.0, 1.0, False),
+    'walltime_seconds': (float, None, None, False),
+    'max_memory_mb': (float, 0.0, None, True),
+}
+
+
+def _numeric_problem(value: Any, kind: type, low: float | None, high: float | None, strict: bool) -> str | None:
+    """Why ``value`` is not a number of ``kind`` in the range, or ``None`` (also for a missing value)."""
+    if value is None:
+        return None
+    accepted = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, accepted):
+        return f'must be {"an integer" if kind is int else "a number"}'
+    if not math.isfinite(value):
+        return 'must be finite'
+    if low is not None and (value < low or (strict and value == low)):
+        return f'must be {">" if strict else ">="} {low}'
+    if high is not None and value > high:
+        return f'must be <= {high}'
+    return None
 
 
 def basis_ecp(basis: str, symbols: Sequence[str]) -> dict[str, str]:
