@@ -65,9 +65,18 @@ def _dataset_lineage(dataset: orm.Data, role: str) -> DatasetLineage:
 
 
 def checkpoint_lineage(checkpoint: orm.Data | int | str, _seen: frozenset[int] = frozenset()) -> CheckpointLineage:
-    """The lineage of a checkpoint node (or its pk/uuid)."""
+    """The lineage of a checkpoint node (or its pk/uuid).
+
+    :raises aiida.common.exceptions.NotExistent: no node has this pk or uuid.
+    :raises TypeError: the node is not a ``dm21.checkpoint``.
+    :raises ValueError: the provenance graph has a cycle.
+    """
+    from aiida_dm21.data.checkpoint import DM21CheckpointData
+
     if not isinstance(checkpoint, orm.Node):
         checkpoint = orm.load_node(checkpoint)
+    if not isinstance(checkpoint, DM21CheckpointData):
+        raise TypeError(f'node {checkpoint.pk} is a {type(checkpoint).__name__}, not a dm21.checkpoint: no lineage')
     if checkpoint.pk in _seen:
         raise ValueError(f'cycle in the provenance graph at node {checkpoint.pk}')
     source = checkpoint.base.attributes.get('source', 'unknown')

@@ -26,7 +26,15 @@ from aiida.common.constants import elements
 from aiida.engine import CalcJob
 
 from aiida_dm21.data.checkpoint import DM21CheckpointData
-from aiida_dm21.runner.scf import DENSITY_FILE, INIT_GUESSES, RESULTS_FILE, SCF_TYPES
+from aiida_dm21.runner.scf import (
+    DENSITY_FILE,
+    INIT_GUESSES,
+    RESULTS_FILE,
+    SCF_TYPES,
+    basis_ecp,
+    check_geometry,
+    check_occupations,
+)
 
 if t.TYPE_CHECKING:
     from aiida.common.folders import Folder
@@ -69,6 +77,8 @@ class Parameter:
         if (is_bool and bool not in self.types) or not isinstance(value, self.types):
             names = ' or '.join(tp.__name__ for tp in self.types)
             return f'`{key}` must be {names}, got {value!r} ({type(value).__name__})'
+        if isinstance(value, float) and not math.isfinite(value):
+            return f'`{key}` must be a finite number ({self.help}), got {value!r}'
         if self.check is not None:
             problem = self.check(value)
             if problem:
@@ -228,7 +238,8 @@ def validate_structure(value: orm.StructureData, _: t.Any = None) -> str | None:
     positions = np.array([site.position for site in value.sites], dtype=float)
     if not np.all(np.isfinite(positions)):
         return 'the structure has non-finite atomic positions'
-    return None
+    symbols, _ = molecule_of(value)
+    return check_geometry(symbols, positions)
 
 
 def molecule_of(structure: orm.StructureData) -> tuple[list[str], list[list[float]]]:
@@ -262,12 +273,13 @@ def _basis_size(symbols: list[str], positions: list[list[float]], params: dict[s
 
     stream = io.StringIO()
     try:
-        with contextlib.redirect_stdout(stream), warnings.catch_warnings():
+        with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream), warnings.catch_warnings():
             warnings.simplefilter('ignore')
             mol = gto.M(
                 atom=list(zip(symbols, positions, strict=True)),
                 unit='Angstrom',
                 basis=params['basis'],
+                ecp=basis_ecp(params['basis'], symbols),  # as the runner builds it: an ECP must be seen
                 charge=params['charge'],
                 spin=params['multiplicity'] - 1,
                 verbose=0,
@@ -275,7 +287,14 @@ def _basis_size(symbols: list[str], positions: list[list[float]], params: dict[s
     except Exception as exc:  # PySCF raises many types for a bad or missing basis
         return None, f'{type(exc).__name__}: {exc}'
     if mol.has_ecp():
-        return None, 'the basis brings effective core potentials; DM21 needs an all-electron basis'
+        elements = ', '.join(sorted(mol._ecp))
+        return None, (
+            f'it brings effective core potentials for {elements}; DM21 needs an all-electron basis set '
+            '(e.g. cc-pVDZ, or def2 up to Kr)'
+        )
+    problem = check_occupations(mol.nelec, mol.nao_nr(), params['basis'])
+    if problem:
+        return None, problem
     return mol.nao_nr(), ''
 
 
@@ -288,11 +307,21 @@ def validate_restart_density(value: orm.ArrayData, _: t.Any = None) -> str | Non
     spin_pair = len(shape) == 3 and shape[0] == 2 and shape[1] == shape[2]
     if not (square or spin_pair):
         return f'restart_density: density_matrix has shape {shape}, expected (nao, nao) or (2, nao, nao)'
+    array = value.get_array('density_matrix')
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        return f'restart_density: density_matrix must hold real numbers, got dtype {array.dtype}'
+    if not np.all(np.isfinite(array)):
+        return 'restart_density: density_matrix contains NaN or infinite values'
     return None
 
 
 def validate_inputs(inputs: dict[str, t.Any], ctx: t.Any = None) -> str | None:
     """Cross-checks: electron count vs charge and multiplicity, basis availability, restart density size."""
+    options = (inputs.get('metadata') or {}).get('options') or {}
+    for key in ('max_wallclock_seconds', 'max_memory_kb'):
+        value = options.get(key)
+        if value is not None and value < 1:
+            return f'metadata.options.{key} must be >= 1 if given, got {value}'
     structure, parameters = inputs.get('structure'), inputs.get('parameters')
     if structure is None or parameters is None:
         return None

@@ -162,14 +162,13 @@ def checkpoint_export_cmd(identifier: str, path: Path, overwrite: bool, profile:
 def checkpoint_lineage_cmd(identifier: str, profile: str | None) -> None:
     """Print which calculations the checkpoint IDENTIFIER (pk or uuid) learned from, as a tree."""
     load_profile(profile)
-    from aiida.common.exceptions import NotExistent
-
     from ..provenance import checkpoint_lineage, lineage_tree
 
+    node = load_checkpoint(identifier)  # a one-line error for a missing node or one of another type
     try:
-        lineage = checkpoint_lineage(int(identifier) if identifier.isdigit() else identifier)
-    except NotExistent as exc:
-        raise click.ClickException(f'no node {identifier}: {exc}') from exc
+        lineage = checkpoint_lineage(node)
+    except ValueError as exc:  # a cycle in the provenance graph
+        raise click.ClickException(f'cannot trace checkpoint<{node.pk}>: {exc}') from exc
     Console().print(lineage_tree(lineage))
 
 
@@ -194,7 +193,7 @@ def _demo_checkpoint(source: str | None):
 @click.command('demo')
 @PROFILE
 @click.option('--source', default=None, help="Where to fetch DeepMind's DM21m weights from if not installed.")
-@click.option('--epochs', default=8, show_default=True, help='Training epochs.')
+@click.option('--epochs', default=8, show_default=True, type=click.IntRange(min=1), help='Training epochs (>= 1).')
 def demo(profile: str | None, source: str | None, epochs: int) -> None:
     """The whole loop, small: reference data (H, He; Li held out) -> fine-tune DM21m on FC/FS data ->
     DM21 SCF of Li with the new checkpoint -> lineage of the checkpoint."""

@@ -150,8 +150,8 @@ def store_checkpoint_files(paths: list[Path], store: bool | None, profile: str |
         from ..data.checkpoint import DM21CheckpointData
 
         for path in paths:
-            content_hash = DM21CheckpointData(path).weights_sha256
-            existing = DM21CheckpointData.find(content_hash)
+            candidate = DM21CheckpointData(path)
+            existing = DM21CheckpointData.find(candidate.weights_sha256, architecture=candidate)
             node = existing or DM21CheckpointData.get_or_create(path)
             state = 'already stored as' if existing else 'stored as'
             console.print(f'{path.name}: {state} dm21.checkpoint<{node.pk}> in profile {loaded.name!r}')

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .main import MOLECULES, console
+from .main import GRID_LEVEL, MOLECULES, check_molecule, console
 
 __all__ = ['fractional_curve']
 
@@ -38,9 +38,10 @@ def _molecule(molecule: str, basis: str, charge: int, spin: int | None):
     else:
         atom = molecule
     try:
-        return gto.M(atom=atom, basis=basis, charge=charge, spin=spin, verbose=0, unit='Angstrom')
-    except (RuntimeError, KeyError, ValueError) as exc:
+        mol = gto.M(atom=atom, basis=basis, charge=charge, spin=spin, verbose=0, unit='Angstrom')
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
         raise click.ClickException(f'cannot build the molecule: {exc}') from exc
+    return check_molecule(mol, basis)
 
 
 def _highlight(delta: float, value: float) -> str:
@@ -101,10 +102,12 @@ def _print_tables(curves, kind: str) -> None:
     default=None,
     help='Charge of the N-electron state [default: 1 for --kind charge (cation to neutral), 0 for spin].',
 )
-@click.option('--spin', type=int, default=None, help='2S of the N-electron state [default: from the molecule].')
+@click.option(
+    '--spin', type=click.IntRange(min=0), default=None, help='2S of the N-electron state [default: from the molecule].'
+)
 @click.option(
     '--spin-next',
-    type=int,
+    type=click.IntRange(min=0),
     default=None,
     help='2S of the N+1-electron state (charge only) [default: spin − 1, or 1 from a closed shell].',
 )
@@ -115,7 +118,13 @@ def _print_tables(curves, kind: str) -> None:
     help='Evenly spaced points from 0 to 1 (charge) or 0 to 0.5 (spin); 0.5 is always added. '
     '[default: 11 for charge, 6 for spin]',
 )
-@click.option('--grid-level', default=3, show_default=True, help='PySCF grid level, the same for every functional.')
+@click.option(
+    '--grid-level',
+    default=3,
+    show_default=True,
+    type=GRID_LEVEL,
+    help='PySCF grid level 0-9, the same for every functional.',
+)
 @click.option(
     '--output',
     '-o',
@@ -165,8 +174,6 @@ def fractional_curve(
     n_points = points if points is not None else (11 if kind == 'charge' else 6)
     if n_points < 2:
         raise click.BadParameter(f'need at least 2 points (the two ends), got {n_points}', param_hint='--points')
-    if grid_level < 0 or grid_level > 9:
-        raise click.BadParameter(f'PySCF grid levels are 0 ... 9, got {grid_level}', param_hint='--grid-level')
     if spin_next is not None and kind != 'charge':
         raise click.BadParameter('only for --kind charge', param_hint='--spin-next')
     if table_path is not None and table_path.suffix.lower() not in {'.csv', '.json'}:

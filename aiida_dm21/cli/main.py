@@ -11,10 +11,14 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 console = Console(stderr=True)
+
+#: PySCF's integration grid levels.
+GRID_LEVEL = click.IntRange(0, 9)
 
 #: Small molecules for ``run``/``demo`` by name (geometries in Angstrom).
 MOLECULES: dict[str, dict] = {
@@ -136,7 +140,7 @@ def _build_molecule(molecule: str, basis: str, charge: int, spin: int | None):
     else:
         atom, default_spin = molecule, None
     try:
-        return gto.M(
+        mol = gto.M(
             atom=atom,
             basis=basis,
             charge=charge,
@@ -144,8 +148,36 @@ def _build_molecule(molecule: str, basis: str, charge: int, spin: int | None):
             verbose=0,
             unit='Angstrom',
         )
-    except (RuntimeError, KeyError, ValueError) as exc:
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
         raise click.ClickException(f'cannot build the molecule: {exc}') from exc
+    return check_molecule(mol, basis)
+
+
+def check_molecule(mol, basis: str):
+    """``mol`` if DM21 can treat it, else a :class:`click.ClickException` saying why.
+
+    Refused: atoms (nearly) on top of each other, a basis that brings effective core potentials (PySCF would
+    run all electrons in a basis made for the valence ones: a wrong energy) and more electrons of one spin than
+    basis functions.
+    """
+    from pyscf.data.nist import BOHR
+
+    from ..runner.scf import basis_ecp, check_geometry, check_occupations
+
+    symbols = [mol.atom_pure_symbol(i) for i in range(mol.natm)]
+    problem = check_geometry(symbols, mol.atom_coords() * BOHR)
+    if problem:
+        raise click.ClickException(problem)
+    ecp = basis_ecp(basis, symbols)
+    if ecp:
+        raise click.ClickException(
+            f'basis {basis!r} brings effective core potentials for {", ".join(sorted(ecp))}: DM21 needs an '
+            'all-electron basis set (e.g. cc-pVDZ, or def2 up to Kr)'
+        )
+    problem = check_occupations(mol.nelec, mol.nao_nr(), basis)
+    if problem:
+        raise click.ClickException(problem)
+    return mol
 
 
 @main.command('run')
@@ -154,9 +186,14 @@ def _build_molecule(molecule: str, basis: str, charge: int, spin: int | None):
     '--functional', '-f', default='DM21', show_default=True, help='DM21, DM21m, DM21mc, DM21mu or a checkpoint.'
 )
 @click.option('--basis', '-b', default='cc-pvdz', show_default=True)
-@click.option('--charge', default=0, show_default=True)
-@click.option('--spin', default=None, type=int, help='2S (number of unpaired electrons); default from the molecule.')
-@click.option('--grid-level', default=3, show_default=True)
+@click.option('--charge', default=0, show_default=True, type=int, help='Total charge.')
+@click.option(
+    '--spin',
+    default=None,
+    type=click.IntRange(min=0),
+    help='2S (number of unpaired electrons, >= 0); default from the molecule.',
+)
+@click.option('--grid-level', default=3, show_default=True, type=GRID_LEVEL, help='PySCF grid level, 0 to 9.')
 @click.option(
     '--device', default='cpu', show_default=True, help='cpu, cuda or cuda:N (refused where there is no such GPU).'
 )
@@ -185,7 +222,14 @@ def run_scf(
     mf.grids.level = grid_level
     start = time.perf_counter()
     with console.status(f'{type(mf).__name__[4:]} {functional}/{basis}: B3LYP guess, then DM21 SCF ...'):
-        energy = mf.kernel()
+        try:
+            energy = mf.kernel()
+        except (ValueError, RuntimeError, ArithmeticError, np.linalg.LinAlgError) as exc:
+            raise click.ClickException(f'the SCF failed: {type(exc).__name__}: {exc}') from exc
+    if not np.isfinite(energy):
+        raise click.ClickException(
+            f'the SCF gave a non-finite energy ({energy}): check the functional, the grid and the geometry'
+        )
     result = {
         'molecule': molecule,
         'functional': mf.functional,

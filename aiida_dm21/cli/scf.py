@@ -8,6 +8,7 @@ energy is printed; with it, the workchain is submitted to the daemon.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import typing as t
 from pathlib import Path
@@ -31,7 +32,10 @@ def read_xyz(path: Path) -> list[tuple[str, list[float]]]:
 
     :raises click.ClickException: a line that is not ``symbol x y z``, or no atoms at all.
     """
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f'{path} is not a readable xyz text file: {exc}') from exc
     if lines and lines[0].strip().isdigit():
         lines = lines[2:]
     atoms = []
@@ -194,7 +198,7 @@ def launch(
     """Run a dm21.scf workchain on STRUCTURE: a molecule name (water, h2, h, ch3, ne), an xyz file or a
     StructureData pk."""
     load_profile(profile)
-    from aiida import engine
+    from aiida.common.exceptions import ValidationError
 
     from ..workflows.protocols import ProtocolError
     from ..workflows.scf import DM21ScfWorkChain
@@ -224,6 +228,9 @@ def launch(
         )
     except ProtocolError as exc:
         raise click.ClickException(str(exc)) from exc
+    except ValueError as exc:  # an input port refused a value when the builder was filled (e.g. the structure)
+        message = str(exc).removeprefix('invalid attribute value ')
+        raise click.ClickException(f'the inputs were refused: {message}') from exc
     parameters = builder.scf.parameters.get_dict()
     what = f'{checkpoint.name}/{parameters["basis"]} {molecule.get_formula()} ({protocol})'
 
@@ -234,9 +241,14 @@ def launch(
     logging.getLogger('aiida').setLevel('REPORT')  # the workchain's reports, e.g. what a restart changes
     try:
         with console.status(f'dm21.scf {what}: running in this process ...'):
-            results, node = engine.run_get_node(builder)
-    except ValueError as exc:  # the inputs were refused before anything ran (e.g. impossible multiplicity)
+            results, node = run_in_foreground(builder)
+    except (ValueError, ValidationError) as exc:  # the inputs were refused before anything ran
         raise click.ClickException(f'the inputs were refused: {exc}') from exc
+    if node.is_killed:
+        raise Interrupted(
+            f'interrupted: dm21.scf<{node.pk}> was killed, with the calculations it had started; '
+            f'see `verdi process report {node.pk}`'
+        )
     if not node.is_finished_ok:
         raise click.ClickException(
             f'dm21.scf<{node.pk}> failed: exit {node.exit_status} {node.exit_message}; '
@@ -249,6 +261,108 @@ def launch(
         f'{len(node.called)} run(s)',
         soft_wrap=True,
     )
+
+
+class Interrupted(click.ClickException):
+    """The foreground run was interrupted (Ctrl-C or SIGTERM): exit status 130, as for a shell's SIGINT."""
+
+    exit_code = 130
+
+
+#: Seconds to wait for a calculation that was in the middle of a step when it was told to die.
+KILL_TIMEOUT = 30.0
+
+
+def run_in_foreground(builder) -> tuple[dict[str, t.Any], orm.ProcessNode]:
+    """Run ``builder`` in this process, like :func:`aiida.engine.run_get_node`; an interrupt kills it all.
+
+    AiiDA's own foreground run kills the process it runs from inside the SIGINT handler, which can land in the
+    middle of a database transaction, and without a broker (a ``verdi presto`` profile, or any profile with no
+    daemon connection) it cannot reach the processes that one started: the ``dm21.scf`` CalcJob stayed *waiting*
+    forever and its job kept running.  Here Ctrl-C (or SIGTERM) only schedules the kill on the event loop, where
+    it runs between two steps; every process the runner starts is recorded, and once the workchain is killed the
+    unfinished ones are killed too (AiiDA cancels their scheduler jobs).  A node that still is not terminated
+    then is marked killed and sealed.
+    """
+    import signal
+
+    from aiida.engine.utils import loop_scope
+    from aiida.manage import get_manager
+    from plumpy.exceptions import KilledError
+
+    runner = get_manager().get_runner()
+    started: list[t.Any] = []
+    instantiate = runner.instantiate_process
+
+    def recording(process, **inputs):
+        instance = instantiate(process, **inputs)
+        started.append(instance)
+        return instance
+
+    runner.instantiate_process = recording  # type: ignore[method-assign]
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with loop_scope(runner.loop):
+            process = runner.instantiate_process(builder)
+            message = f'Killed: {process.node.process_label}<{process.node.pk}> was interrupted'
+
+            def kill_root() -> None:
+                if not process.has_terminated() and not process.is_killing:
+                    console.print(f'[red]interrupted[/red]: killing {process.node.process_label}<{process.node.pk}>')
+                    process.kill(msg_text=message)
+
+            def on_signal(_signum: int, _frame: t.Any) -> None:
+                runner.loop.call_soon_threadsafe(kill_root)  # never inside the handler: it may be mid-transaction
+
+            for signum in handlers:
+                signal.signal(signum, on_signal)
+            with contextlib.suppress(KilledError):  # what execute() raises for a killed process
+                process.execute()
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        del runner.instantiate_process  # the class's method again
+    if process.node.is_killed:
+        kill_started(runner, started, message)
+    return process.outputs, process.node
+
+
+def kill_started(runner, processes: t.Sequence[t.Any], message: str) -> None:
+    """Kill every process instance of ``processes`` that has not terminated, then mark any leftover node killed.
+
+    AiiDA's ``Process.kill`` of a CalcJob cancels its scheduler job through tasks on the runner's event loop, so it
+    is called from a coroutine on that loop (with plumpy's sync/async bridge where plumpy has one).
+    """
+    import asyncio
+
+    from aiida.engine import ProcessState
+
+    try:
+        from plumpy.greenback_bridge import run_with_portal
+    except ImportError:  # plumpy < 0.26 nests event loops instead: a plain call from a coroutine
+
+        async def run_with_portal(fn, *args, **kwargs):  # type: ignore[misc]
+            return fn(*args, **kwargs)
+
+    async def kill(process) -> None:
+        result = await run_with_portal(process.kill, msg_text=message)
+        if asyncio.isfuture(result):  # it was in the middle of a step: wait for it to stop, a while
+            await asyncio.wait_for(asyncio.shield(result), KILL_TIMEOUT)
+
+    for process in processes:
+        if process.has_terminated():
+            continue
+        try:
+            runner.run_until_complete(kill(process))
+        except Exception as exc:  # keep going: every other process must still be killed
+            console.print(f'[yellow]could not kill {process.node.process_label}<{process.node.pk}>: {exc}[/yellow]')
+    for process in processes:
+        node = process.node
+        if not node.is_terminated:
+            node.set_process_state(ProcessState.KILLED)
+            node.set_process_status(message)
+        if not node.is_sealed:
+            node.seal()
 
 
 def _submit(builder, what: str) -> None:

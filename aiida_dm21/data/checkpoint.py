@@ -12,8 +12,10 @@ into attributes so it can be queried without opening the file::
 A file is validated with :func:`aiida_dm21.functional.checkpoint.read_checkpoint` when it is set: a
 truncated, corrupt or foreign file raises :class:`DM21CheckpointError` and nothing is put in the node.
 
-Identity is the *content* of the weights (``weights_sha256``), not the filename: :meth:`get_or_create`
-returns an existing node with the same hash, and the caching hash of the node is built from it.
+Identity is what the network computes, not the filename: the *content* of the weights (``weights_sha256``)
+and the metadata that changes the function (``architecture`` with its omegas, ``omegas``, ``feature_names``).
+:meth:`get_or_create` returns an existing node with the same identity, and the caching hash of the node is
+built from it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ from aiida.orm import QueryBuilder, SinglefileData
 from aiida.orm.nodes.caching import NodeCaching
 from aiida.orm.pydantic import OrmMetadataField
 
-from aiida_dm21.functional.checkpoint import CheckpointError, network_from_tensors, read_checkpoint
+from aiida_dm21.functional.checkpoint import (
+    CheckpointError,
+    check_checkpoint_name,
+    network_from_tensors,
+    read_checkpoint,
+)
 
 if t.TYPE_CHECKING:
     from aiida_dm21.functional.model import DM21Network
@@ -90,16 +97,29 @@ def _validate_content(content: bytes, origin: str) -> dict[str, t.Any]:
     return metadata
 
 
+#: The attributes that make the function a checkpoint computes: the weights and what the network does with them
+#: (the architecture holds the omegas of the local-HF features, the layer-norm epsilon and the input offsets).
+IDENTITY_ATTRIBUTES: tuple[str, ...] = ('weights_sha256', 'architecture', 'omegas', 'feature_names', 'format_version')
+
+
+def _identity(attributes: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
+    """The identity of a checkpoint (see :data:`IDENTITY_ATTRIBUTES`), omegas as floats so ``0`` equals ``0.0``."""
+    identity = {key: attributes.get(key, None) for key in IDENTITY_ATTRIBUTES}
+    architecture = dict(identity['architecture'] or {})
+    if 'omegas' in architecture:
+        architecture['omegas'] = [float(w) for w in architecture['omegas']]
+    identity['architecture'] = architecture
+    if identity['omegas'] is not None:
+        identity['omegas'] = [float(w) for w in identity['omegas']]
+    return identity
+
+
 class DM21CheckpointCaching(NodeCaching):
-    """Caching hash of a checkpoint: its class and the content hash of its weights, not the filename."""
+    """Caching hash of a checkpoint: its class and its identity (weights and architecture), not the filename."""
 
     def get_objects_to_hash(self) -> dict[str, t.Any]:
         node = self._node
-        return {
-            'class': str(node.__class__),
-            'weights_sha256': node.base.attributes.get('weights_sha256', None),
-            'format_version': node.base.attributes.get('format_version', None),
-        }
+        return {'class': str(node.__class__), **_identity(node.base.attributes.all)}
 
 
 class DM21CheckpointData(SinglefileData):
@@ -153,6 +173,10 @@ class DM21CheckpointData(SinglefileData):
         key = pathlib.PurePath(filename).name if filename is not None else source_name or cls.DEFAULT_FILENAME
         if not key.endswith('.safetensors'):
             key = f'{key}.safetensors'
+        try:
+            check_checkpoint_name(key[: -len('.safetensors')])
+        except CheckpointError as exc:
+            raise DM21CheckpointError(f'refusing the file name {filename or source_name!r}: {exc}') from exc
         return content, key, metadata
 
     def _set_prepared(self, content: bytes, key: str, metadata: dict[str, t.Any]) -> None:
@@ -196,7 +220,7 @@ class DM21CheckpointData(SinglefileData):
         :raises DM21CheckpointError: the file is not a valid checkpoint (nothing is stored).
         """
         content, key, metadata = cls._prepare(source, filename)
-        existing = cls.find(metadata['weights_sha256'])
+        existing = cls.find(metadata['weights_sha256'], architecture=metadata)
         if existing is not None:
             return existing
         node = cls()
@@ -204,14 +228,27 @@ class DM21CheckpointData(SinglefileData):
         return node.store()
 
     @classmethod
-    def find(cls, weights_sha256: str) -> DM21CheckpointData | None:
-        """The oldest stored checkpoint node with this content hash, or ``None``."""
+    def find(
+        cls, weights_sha256: str, architecture: t.Mapping[str, t.Any] | DM21CheckpointData | None = None
+    ) -> DM21CheckpointData | None:
+        """The oldest stored checkpoint node with this content hash, or ``None``.
+
+        :param architecture: the rest of the identity: a checkpoint's metadata (or a node) whose architecture,
+            omegas and feature names the node must have too.  Without it, any node with these tensors.
+        """
         builder = QueryBuilder().append(
             cls, filters={'attributes.weights_sha256': weights_sha256}, project='*', tag='checkpoint'
         )
-        builder.order_by({'checkpoint': {'id': 'asc'}}).limit(1)
-        found = builder.first()
-        return found[0] if found else None
+        builder.order_by({'checkpoint': {'id': 'asc'}})
+        if architecture is None:
+            found = builder.first()
+            return found[0] if found else None
+        attributes = architecture.base.attributes.all if isinstance(architecture, DM21CheckpointData) else architecture
+        wanted = _identity({**dict(attributes), 'weights_sha256': weights_sha256})
+        for (node,) in builder.iterall():
+            if _identity(node.base.attributes.all) == wanted:
+                return node
+        return None
 
     # --- properties ---------------------------------------------------------------------------------------
 

@@ -41,11 +41,21 @@ class DM21DatasetData(SinglefileData):
     DEFAULT_FILENAME = 'dataset.npz'
 
     def set_file(self, file, filename: str | None = None, **kwargs) -> None:  # type: ignore[override]
-        path = pathlib.Path(file) if not hasattr(file, 'read') else None
-        if path is None:
-            with tempfile.NamedTemporaryFile(suffix='.npz', delete=False) as handle:
-                handle.write(file.read())
-                path = pathlib.Path(handle.name)
+        if hasattr(file, 'read'):
+            content = file.read()
+            if isinstance(content, str):
+                raise TypeError('the dataset stream must be opened in binary mode')
+            with tempfile.TemporaryDirectory(prefix='dm21-dataset-') as tmp:
+                path = pathlib.Path(tmp) / self.DEFAULT_FILENAME
+                path.write_bytes(content)
+                self._set_checked(path, filename, **kwargs)
+            return
+        if not isinstance(file, (str, pathlib.PurePath)):
+            raise TypeError(f'expected a path or a binary file-like object, got {type(file).__name__}')
+        self._set_checked(pathlib.Path(file), filename, **kwargs)
+
+    def _set_checked(self, path: pathlib.Path, filename: str | None, **kwargs) -> None:
+        """Validate the dataset file at ``path`` (format, checksum, finite values), then keep it."""
         try:
             _, meta = load_dataset(path)
         except DatasetError as exc:

@@ -37,6 +37,8 @@ __all__ = [
     'PUBLISHED_FUNCTIONALS',
     'UPSTREAM_SHA256',
     'CheckpointError',
+    'check_checkpoint_name',
+    'check_finite',
     'fetch_deepmind',
     'import_deepmind',
     'load_network',
@@ -107,6 +109,43 @@ class CheckpointError(ValueError):
 # --- the project's format -----------------------------------------------------------------------------
 
 
+def check_checkpoint_name(name: object) -> str:
+    """``name`` if it can name a checkpoint file ``<name>.safetensors`` inside the weights folder.
+
+    :raises CheckpointError: not a string, empty, ``.``/``..``, starting with a dot, or holding a path separator or
+        a control character (a name must never place the file outside the folder).
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise CheckpointError(f'a checkpoint name must be a non-empty string, got {name!r}')
+    separators = {'/', '\\', os.sep} | ({os.altsep} if os.altsep else set())
+    if (
+        name != name.strip()
+        or name.startswith('.')
+        or any(sep in name for sep in separators)
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+    ):
+        raise CheckpointError(
+            f'checkpoint name {name!r} cannot be a file name in the weights folder: use letters, digits, '
+            "'-', '_' or '+' (no path separators, no leading dot, no surrounding spaces)"
+        )
+    return name
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor | np.ndarray], origin: str) -> None:
+    """Refuse tensors with NaN or infinite entries (they would make every energy NaN), naming them.
+
+    :raises CheckpointError: some tensor is not finite.
+    """
+    bad = []
+    for name in sorted(tensors):
+        value = tensors[name]
+        array = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+        if array.is_floating_point() and not bool(torch.isfinite(array).all()):
+            bad.append(f'{name} ({int((~torch.isfinite(array)).sum())} of {array.numel()} values)')
+    if bad:
+        raise CheckpointError(f'{origin}: NaN or infinite weights in {", ".join(bad[:4])}: not a usable network')
+
+
 def weights_sha256(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> str:
     """Content hash of a set of tensors, independent of file layout."""
     digest = hashlib.sha256()
@@ -125,6 +164,7 @@ def save_checkpoint(path: str | Path, network: DM21Network, metadata: Mapping[st
     """Write ``network`` to ``path`` (atomically) and return the full metadata written."""
     path = Path(path)
     tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in network.state_dict().items()}
+    check_finite(tensors, f'refusing to write {path}')
     meta = dict(metadata or {})
     meta.update(
         format=FORMAT_NAME,
@@ -167,6 +207,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         meta = json.loads(header[METADATA_KEY])
     except json.JSONDecodeError as exc:
         raise CheckpointError(f'{path}: metadata is not valid JSON: {exc}') from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f'{path}: the {METADATA_KEY!r} metadata must be a JSON object, got {type(meta).__name__}')
     if meta.get('format') != FORMAT_NAME:
         raise CheckpointError(f'{path}: format {meta.get("format")!r} is not {FORMAT_NAME!r}')
     if meta.get('format_version') != FORMAT_VERSION:
@@ -179,16 +221,47 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CheckpointError(
             f'{path}: weights sha256 {digest} does not match the recorded {meta.get("weights_sha256")}'
         )
+    check_finite(tensors, str(path))
     return tensors, meta
 
 
+def expected_shapes(config: DM21Config) -> dict[str, tuple[int, ...]]:
+    """The state-dict tensor shapes of :class:`DM21Network` with ``config`` (without allocating the network)."""
+    h, n_in, n_out = config.hidden, config.n_features, config.n_outputs
+    shapes: dict[str, tuple[int, ...]] = {
+        'input_layer.weight': (h, n_in),
+        'input_layer.bias': (h,),
+        'output_layer.weight': (n_out, h),
+        'output_layer.bias': (n_out,),
+    }
+    for i in range(config.n_blocks):
+        shapes[f'blocks.{i}.linear.weight'] = (h, h)
+        shapes[f'blocks.{i}.linear.bias'] = (h,)
+        shapes[f'blocks.{i}.norm.weight'] = (h,)
+        shapes[f'blocks.{i}.norm.bias'] = (h,)
+    return shapes
+
+
 def network_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], origin: str) -> DM21Network:
+    """The network of a checkpoint's tensors and metadata, every part checked against the architecture.
+
+    :raises CheckpointError: an impossible architecture, metadata that contradicts it (omegas, feature names),
+        tensors of the wrong names or shapes, or NaN/infinite weights; ``origin`` names the file in the message.
+    """
     try:
         config = DM21Config.from_dict(meta.get('architecture', {}))
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f'{origin}: bad architecture description: {exc}') from exc
-    network = DM21Network(config)
-    expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+    if 'omegas' in meta and not _same_numbers(meta['omegas'], config.omegas):
+        raise CheckpointError(
+            f'{origin}: the metadata says omegas {meta["omegas"]!r} but the architecture has {list(config.omegas)}'
+        )
+    if 'feature_names' in meta and list(meta['feature_names'] or []) != list(FEATURE_NAMES):
+        raise CheckpointError(
+            f'{origin}: feature_names {meta["feature_names"]!r} are not the DM21 features {list(FEATURE_NAMES)}'
+        )
+    # the shapes first, from the configuration: a huge `hidden` must not allocate a huge network
+    expected = expected_shapes(config)
     found = {k: tuple(v.shape) for k, v in tensors.items()}
     if expected != found:
         missing = sorted(set(expected) - set(found))
@@ -200,8 +273,18 @@ def network_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str,
             if items
         )
         raise CheckpointError(f'{origin}: tensors do not fit the DM21 architecture ({details})')
+    check_finite(tensors, origin)
+    network = DM21Network(config)
     network.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
     return network
+
+
+def _same_numbers(given: object, expected: tuple[float, ...]) -> bool:
+    try:
+        values = [float(x) for x in given]  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return False
+    return values == list(expected)
 
 
 def weights_dir() -> Path:
@@ -325,7 +408,10 @@ def import_deepmind(folder: str | Path, name: str | None = None, verify: bool = 
 
 def install_deepmind(folder: str | Path, dest_dir: str | Path | None = None, **kwargs) -> tuple[Path, dict]:
     """Convert a DeepMind folder into ``<dest_dir>/<name>.safetensors``; returns the path and metadata."""
+    if kwargs.get('name') is not None:
+        check_checkpoint_name(kwargs['name'])
     tensors, meta = import_deepmind(folder, **kwargs)
+    check_checkpoint_name(meta['name'])  # also a name taken from the folder (with verify=False)
     network = network_from_tensors(tensors, meta, str(folder))
     dest = Path(dest_dir) if dest_dir else weights_dir()
     path = dest / f'{meta["name"]}.safetensors'

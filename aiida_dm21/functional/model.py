@@ -58,6 +58,40 @@ class DM21Config:
     abs_offset: float = 1e-9
     omegas: tuple[float, ...] = (0.0, 0.4)
 
+    def __post_init__(self) -> None:
+        """Refuse a configuration no network can be built or evaluated with (naming the key and the range)."""
+        fixed = {'n_features': len(FEATURE_NAMES), 'n_outputs': 3}
+        for key, value in fixed.items():
+            if type(getattr(self, key)) is not int or getattr(self, key) != value:
+                raise ValueError(
+                    f'architecture `{key}` must be {value} (the DM21 features and enhancement factors), '
+                    f'got {getattr(self, key)!r}'
+                )
+        for key in ('hidden', 'n_blocks'):
+            value = getattr(self, key)
+            if type(value) is not int or value < 1:
+                raise ValueError(f'architecture `{key}` must be an integer >= 1, got {value!r}')
+        for key in ('layer_norm_eps', 'log_offset', 'abs_offset'):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f'architecture `{key}` must be a finite number >= 0, got {value!r}')
+        if self.layer_norm_eps <= 0 or self.log_offset + self.abs_offset <= 0:
+            raise ValueError(
+                'architecture `layer_norm_eps` and `log_offset` + `abs_offset` must be > 0 '
+                f'(got {self.layer_norm_eps!r} and {self.log_offset + self.abs_offset!r}): the network divides by '
+                'them and takes the logarithm of |x| + offset'
+            )
+        omegas = self.omegas
+        if (
+            not isinstance(omegas, tuple)
+            or len(omegas) != 2
+            or not all(isinstance(w, float) and math.isfinite(w) and w >= 0 for w in omegas)
+        ):
+            raise ValueError(
+                f'architecture `omegas` must be two finite range-separation parameters >= 0 (the features '
+                f'{FEATURE_NAMES[7]} ... {FEATURE_NAMES[10]}), got {omegas!r}'
+            )
+
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data['omegas'] = list(self.omegas)
@@ -65,13 +99,25 @@ class DM21Config:
 
     @classmethod
     def from_dict(cls, data: dict) -> DM21Config:
+        """The configuration of a checkpoint's ``architecture`` metadata.
+
+        :raises TypeError: ``data`` is not a mapping.
+        :raises ValueError: unknown keys, or values no network can be built with.
+        """
+        if not isinstance(data, dict):
+            raise TypeError(f'the architecture must be a mapping of hyper-parameters, got {type(data).__name__}')
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f'unknown DM21 architecture keys: {sorted(unknown)}')
         values = dict(data)
         if 'omegas' in values:
-            values['omegas'] = tuple(float(w) for w in values['omegas'])
+            omegas = values['omegas']
+            if isinstance(omegas, (str, bytes)) or not isinstance(omegas, (list, tuple)):
+                raise ValueError(f'architecture `omegas` must be a list of numbers, got {omegas!r}')
+            if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in omegas):
+                raise ValueError(f'architecture `omegas` must be a list of numbers, got {omegas!r}')
+            values['omegas'] = tuple(float(w) for w in omegas)
         return cls(**values)
 
 

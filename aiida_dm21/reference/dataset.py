@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +57,7 @@ def save_dataset(path: str | Path, systems: Sequence[TrainingSystem], metadata: 
     """Write the systems to ``path`` (.npz); returns the description stored in it."""
     if not systems:
         raise DatasetError('a dataset needs at least one system')
+    check_finite_systems(systems, f'refusing to write {path}')
     meta = {'format': DATASET_FORMAT, 'format_version': DATASET_VERSION, **(metadata or {})}
     meta.update(dataset_summary(systems))
     meta['systems'] = [s.scalars() for s in systems]
@@ -78,17 +80,46 @@ def load_dataset(path: str | Path) -> tuple[list[TrainingSystem], dict]:
             arrays = {k: data[k] for k in data.files if k != 'meta'}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise DatasetError(f'{path} is not a readable dataset file: {exc}') from exc
-    if meta.get('format') != DATASET_FORMAT or meta.get('format_version') != DATASET_VERSION:
+    if (
+        not isinstance(meta, dict)
+        or meta.get('format') != DATASET_FORMAT
+        or meta.get('format_version') != DATASET_VERSION
+    ):
         raise DatasetError(f'{path}: not an {DATASET_FORMAT} v{DATASET_VERSION} file')
+    if not isinstance(meta.get('systems'), list):
+        raise DatasetError(f'{path}: the description lists no systems')
     systems = []
     for i, scalars in enumerate(meta['systems']):
-        values = dict(scalars)
-        values['sources'] = tuple(values['sources'])
+        try:
+            values = dict(scalars)
+            values['sources'] = tuple(values['sources'])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise DatasetError(f'{path}: system {i} has a malformed description: {exc}') from exc
         try:
             values.update({name: arrays[f's{i}_{name}'] for name in _ARRAYS})
         except KeyError as exc:
             raise DatasetError(f'{path}: system {i} lacks array {exc}') from exc
-        systems.append(TrainingSystem(**values))
+        try:
+            systems.append(TrainingSystem(**values))
+        except TypeError as exc:
+            raise DatasetError(f'{path}: system {i} has a malformed description: {exc}') from exc
     if _checksum(systems) != meta.get('checksum'):
         raise DatasetError(f'{path}: content does not match its checksum (corrupt or edited)')
+    check_finite_systems(systems, str(path))
     return systems, meta
+
+
+def check_finite_systems(systems: Sequence[TrainingSystem], origin: str) -> None:
+    """Refuse systems with a NaN or infinite energy or array entry (training on them makes every weight NaN).
+
+    :raises DatasetError: naming the first such system and field.
+    """
+    for system in systems:
+        for name in ('delta', 'n_electrons', 'e_ref', 'e_non_xc', 'e_xc_target'):
+            value = getattr(system, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
+                raise DatasetError(f'{origin}: system {system.label!r} has a non-finite {name} ({value!r})')
+        for name in _ARRAYS:
+            array = np.asarray(getattr(system, name))
+            if not np.issubdtype(array.dtype, np.number) or not np.all(np.isfinite(array)):
+                raise DatasetError(f'{origin}: system {system.label!r} has NaN or infinite values in {name}')

@@ -157,6 +157,14 @@ def build_molecule(atom: str, basis: str, charge: int = 0, spin: int = 0) -> gto
         raise ReferenceInputError(f'cannot build {atom!r}/{basis} (charge {charge}, 2S {spin}): {exc}') from exc
     if mol.nelectron < 0:
         raise ReferenceInputError(f'charge {charge} leaves a negative number of electrons for {atom!r}')
+    from aiida_dm21.runner.scf import basis_ecp
+
+    ecp = basis_ecp(basis, [mol.atom_pure_symbol(i) for i in range(mol.natm)])
+    if ecp:
+        raise ReferenceInputError(
+            f'basis {basis!r} brings effective core potentials for {", ".join(sorted(ecp))}: the densities DM21 '
+            'learns from are all-electron ones (PySCF would run every electron in a basis made for the valence)'
+        )
     return mol
 
 

@@ -52,7 +52,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ['DENSITY_FILE', 'ERROR_CATEGORIES', 'RESULTS_FILE', 'RunnerError', 'main', 'run']
+__all__ = [
+    'DENSITY_FILE',
+    'ERROR_CATEGORIES',
+    'MIN_DISTANCE_ANGSTROM',
+    'RESULTS_FILE',
+    'RunnerError',
+    'basis_ecp',
+    'check_geometry',
+    'check_occupations',
+    'main',
+    'run',
+]
 
 RESULTS_FILE = 'results.json'
 DENSITY_FILE = 'density_matrix.npy'
@@ -76,6 +87,9 @@ EXIT_WALLTIME = 4
 SCF_TYPES = ('auto', 'RKS', 'UKS', 'ROKS')
 INIT_GUESSES = ('b3lyp', 'minao', 'atom', 'huckel', '1e')
 AU2EV = 27.211386245988  # CODATA 2018, as PySCF's nist.HARTREE2EV
+#: Atoms closer than this (Angstrom) are refused: no chemical bond is shorter (H2: 0.74), and PySCF builds
+#: such a molecule (it refuses only below 1e-5 Bohr) into a singular overlap matrix or a meaningless energy.
+MIN_DISTANCE_ANGSTROM = 0.1
 
 
 class RunnerError(Exception):
@@ -130,7 +144,94 @@ def read_input(path: Path) -> dict[str, Any]:
     guess = data.get('init_guess')
     if guess is not None and guess not in INIT_GUESSES:
         raise RunnerError('unsupported_input', f'init_guess {guess!r} is not one of {", ".join(INIT_GUESSES)}')
+    for key, (kind, low, high, strict) in NUMERIC_INPUTS.items():
+        problem = _numeric_problem(data.get(key), kind, low, high, strict)
+        if problem:
+            raise RunnerError('unsupported_input', f'`{key}` {problem}, got {data[key]!r}')
     return data
+
+
+#: Numeric keys of ``input.json``: (type, lowest, highest, lowest excluded); ``None`` means unbounded.
+NUMERIC_INPUTS: dict[str, tuple[type, float | None, float | None, bool]] = {
+    'grid_level': (int, 0, 9, False),
+    'max_cycle': (int, 1, None, False),
+    'conv_tol': (float, 0.0, None, True),
+    'conv_tol_grad': (float, 0.0, None, True),
+    'level_shift': (float, 0.0, None, False),
+    'damp': (float, 0.0, 1.0, False),
+    'walltime_seconds': (float, None, None, False),
+    'max_memory_mb': (float, 0.0, None, True),
+}
+
+
+def _numeric_problem(value: Any, kind: type, low: float | None, high: float | None, strict: bool) -> str | None:
+    """Why ``value`` is not a number of ``kind`` in the range, or ``None`` (also for a missing value)."""
+    if value is None:
+        return None
+    accepted = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, accepted):
+        return f'must be {"an integer" if kind is int else "a number"}'
+    if not math.isfinite(value):
+        return 'must be finite'
+    if low is not None and (value < low or (strict and value == low)):
+        return f'must be {">" if strict else ">="} {low}'
+    if high is not None and value > high:
+        return f'must be <= {high}'
+    return None
+
+
+def basis_ecp(basis: str, symbols: Sequence[str]) -> dict[str, str]:
+    """The effective core potentials that the basis set ``basis`` brings for these elements: ``{symbol: basis}``.
+
+    PySCF never adds the ECP of a basis by itself (``gto.M(basis='def2-svp')`` for iodine runs all 53 electrons
+    in a basis made for 25); this is the ``ecp=`` a molecule must be built with, so that the ECP is seen and
+    refused (DM21 needs all-electron densities).  Empty for an all-electron basis or a name PySCF cannot read.
+    """
+    import warnings
+
+    from pyscf.gto import basis as pyscf_basis
+
+    if not isinstance(basis, str):
+        return {}
+    found = {}
+    for symbol in sorted(set(symbols)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                ecp = pyscf_basis.load_ecp(basis, symbol)
+        except Exception:  # an unknown basis name: the basis itself is refused when the molecule is built
+            continue
+        if ecp:
+            found[symbol] = basis
+    return found
+
+
+def check_geometry(symbols: Sequence[str], positions: Any) -> str | None:
+    """``None``, or why the atoms cannot be a molecule: two atoms closer than :data:`MIN_DISTANCE_ANGSTROM`."""
+    coords = np.asarray(positions, dtype=float).reshape(-1, 3)
+    if len(coords) < 2:
+        return None
+    distances = np.linalg.norm(coords[:, None, :] - coords[None, :, :], axis=-1)
+    distances[np.diag_indices(len(coords))] = np.inf
+    i, j = np.unravel_index(int(np.argmin(distances)), distances.shape)
+    if distances[i, j] < MIN_DISTANCE_ANGSTROM:
+        i, j = sorted((int(i), int(j)))
+        return (
+            f'atoms {i + 1} ({symbols[i]}) and {j + 1} ({symbols[j]}) are {distances[i, j]:.3g} Angstrom apart: '
+            f'atoms closer than {MIN_DISTANCE_ANGSTROM} Angstrom are refused (coincident or duplicated atoms?)'
+        )
+    return None
+
+
+def check_occupations(nelec: Sequence[int], nao: int, basis: str) -> str | None:
+    """``None``, or why ``nelec`` (alpha, beta) electrons do not fit in ``nao`` basis functions."""
+    n_alpha, n_beta = (int(n) for n in nelec)
+    if max(n_alpha, n_beta) > nao:
+        return (
+            f'{n_alpha} alpha and {n_beta} beta electrons do not fit in the {nao} basis functions of {basis!r} '
+            '(at most one electron of each spin per orbital): use a larger basis set'
+        )
+    return None
 
 
 def build_molecule(data: dict[str, Any]):
@@ -143,10 +244,14 @@ def build_molecule(data: dict[str, Any]):
         (symbol, tuple(float(x) for x in position))
         for symbol, position in zip(data['symbols'], data['positions'], strict=True)
     ]
+    problem = check_geometry(data['symbols'], data['positions'])
+    if problem:
+        raise RunnerError('unsupported_input', problem)
     mol = gto.Mole()
     mol.atom = atoms
     mol.unit = 'Angstrom'
     mol.basis = data['basis']
+    mol.ecp = basis_ecp(data['basis'], data['symbols'])  # so that an ECP basis is seen (and refused), not ignored
     mol.charge = charge
     mol.spin = multiplicity - 1
     mol.verbose = int(data.get('verbose', 4))
@@ -157,6 +262,16 @@ def build_molecule(data: dict[str, Any]):
         mol.build(dump_input=False, parse_arg=False)
     except (RuntimeError, KeyError, ValueError, TypeError, OSError, AttributeError) as exc:
         raise RunnerError('unsupported_input', f'PySCF cannot build the molecule: {type(exc).__name__}: {exc}') from exc
+    if mol.has_ecp():
+        elements = ', '.join(sorted(mol._ecp))
+        raise RunnerError(
+            'unsupported_input',
+            f'basis {data["basis"]!r} brings effective core potentials for {elements}: DM21 needs an all-electron '
+            'basis set (e.g. cc-pVDZ, or def2 up to Kr)',
+        )
+    problem = check_occupations(mol.nelec, mol.nao_nr(), str(data['basis']))
+    if problem:
+        raise RunnerError('unsupported_input', problem)
     return mol
 
 

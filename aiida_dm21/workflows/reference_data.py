@@ -11,6 +11,7 @@ convergence flag) never enters the dataset: the workchain stops with 402 naming 
 
 from __future__ import annotations
 
+import math
 import typing as t
 
 from aiida import orm
@@ -18,6 +19,7 @@ from aiida.engine import ToContext, WorkChain
 
 from aiida_dm21.calculations.fractional import build_fractional_dataset
 from aiida_dm21.calculations.reference import DM21ReferenceCalculation
+from aiida_dm21.calculations.scf import validate_structure
 from aiida_dm21.data.dataset import DM21DatasetData
 from aiida_dm21.reference.integer import ReferenceInputError, frame_molecule
 from aiida_dm21.reference.sets import SPECIES_SETS
@@ -57,9 +59,13 @@ def link_label(label: str) -> str:
 
 def validate_species(value: orm.List, _: t.Any = None) -> str | None:
     labels = set()
+    if not value.get_list():
+        return 'the species list is empty'
     for item in value.get_list():
         if not isinstance(item, dict) or not {'label', 'atom'} <= set(item):
             return f'each species needs at least a label and an atom string, got {item!r}'
+        if not isinstance(item['label'], str) or not item['label'].strip() or not isinstance(item['atom'], str):
+            return f'a species label and atom must be non-empty strings, got {item!r}'
         extra = set(item) - {'label', 'atom', 'charge', 'multiplicity'}
         if extra:
             return f'unknown keys in species {item["label"]!r}: {sorted(extra)}'
@@ -84,11 +90,148 @@ def validate_iterations(value: orm.Dict, _: t.Any = None) -> str | None:
     return None
 
 
+#: The keys of the ``fractional`` input (``deltas`` and ``spin_fractions`` are inputs of their own).
+FRACTIONAL_KEYS = ('fractional_charge', 'fractional_spin', 'integer', 'reference_method')
+
+
+def _fractions(name: str, value: t.Any, low: float, high: float, high_open: bool) -> str | None:
+    """``None`` if ``value`` is a non-empty list of finite numbers in (low, high) or (low, high]."""
+    interval = f'({low}, {high}{")" if high_open else "]"}'
+    if not isinstance(value, list) or not value:
+        return f'`{name}` must be a non-empty list of numbers in {interval}, got {value!r}'
+    for x in value:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            return f'`{name}` must hold finite numbers in {interval}, got {x!r}'
+        if not (low < x < high or (x == high and not high_open)):
+            return f'`{name}`: {x!r} is outside {interval}'
+    return None
+
+
+def _species_problem(item: dict, basis: str, method: str, density_method: str) -> str | None:
+    """Why the ``dm21.reference`` calculation of one species would be refused, or ``None``."""
+    from aiida_dm21.calculations.reference import validate_inputs as validate_reference_inputs
+    from aiida_dm21.calculations.reference import validate_parameters as validate_reference_parameters
+
+    try:
+        structure = structure_from_atom(item['atom'])
+    except ReferenceInputError as exc:
+        return str(exc)
+    charge, multiplicity = item.get('charge', 0), item.get('multiplicity', 1)
+    for key, value in (('charge', charge), ('multiplicity', multiplicity)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f'`{key}` must be an integer, got {value!r}'
+    parameters = orm.Dict(
+        {
+            'basis': basis,
+            'charge': charge,
+            'multiplicity': multiplicity,
+            'density_method': density_method,
+            'reference_method': method,
+            'label': item['label'],
+        }
+    )
+    problem = validate_reference_parameters(parameters)
+    if problem is None:
+        problem = validate_structure(structure) or validate_reference_inputs(
+            {'structure': structure, 'parameters': parameters}
+        )
+    if problem is None:
+        try:
+            frame_molecule(item['atom'], basis)
+        except ReferenceInputError as exc:
+            problem = str(exc)
+    return problem
+
+
 def validate_inputs(inputs: dict, _: t.Any = None) -> str | None:
+    """Everything the reference calculations and the dataset would refuse, before any calculation runs.
+
+    The species (geometry, charge and multiplicity, basis, method), the labels the fractional systems name (every
+    one a species; a charge pair: N and N+1 electrons of the same nuclei; a spin system: spin-polarised) and the
+    ``deltas`` and ``spin_fractions``.
+    """
     if ('set_name' in inputs) == ('species' in inputs):
         return 'give either `set_name` (a built-in set) or `species` (your own list), not both or neither'
-    if 'set_name' in inputs and inputs['set_name'].value not in SPECIES_SETS:
-        return f'unknown set {inputs["set_name"].value!r}; built-in sets: {", ".join(SPECIES_SETS)}'
+    if 'set_name' in inputs:
+        if inputs['set_name'].value not in SPECIES_SETS:
+            return f'unknown set {inputs["set_name"].value!r}; built-in sets: {", ".join(SPECIES_SETS)}'
+        if 'fractional' in inputs:
+            return '`fractional` goes with your own `species`; a built-in set defines its own fractional systems'
+        definition = SPECIES_SETS[inputs['set_name'].value]
+    else:
+        if validate_species(inputs['species']):
+            return None  # reported by the port validator
+        fractional = inputs['fractional'].get_dict() if 'fractional' in inputs else {}
+        unknown = sorted(set(fractional) - set(FRACTIONAL_KEYS))
+        if unknown:
+            return (
+                f'unknown keys {unknown} in `fractional`; accepted: {", ".join(FRACTIONAL_KEYS)} '
+                '(`deltas` and `spin_fractions` are inputs of the workchain)'
+            )
+        definition = {'species': inputs['species'].get_list(), **fractional}
+    for name, low, high, high_open in (('deltas', 0.0, 1.0, True), ('spin_fractions', 0.0, 0.5, False)):
+        if name in inputs:
+            problem = _fractions(name, inputs[name].get_list(), low, high, high_open)
+            if problem:
+                return problem
+    basis = inputs['basis'].value if 'basis' in inputs else '6-31g'
+    method = inputs['reference_method'].value if 'reference_method' in inputs else None
+    method = method or definition.get('reference_method', 'ccsd(t)')
+    density_method = inputs['density_method'].value if 'density_method' in inputs else 'hf'
+    species = {item['label']: item for item in definition['species']}
+    for label, item in species.items():
+        problem = _species_problem(item, basis, method, density_method)
+        if problem:
+            return f'species {label!r}: {problem}'
+    return _fractional_problem(definition, species)
+
+
+def _electrons(item: dict) -> int:
+    from pyscf import gto
+
+    return sum(gto.charge(symbol) for symbol, _ in gto.format_atom(item['atom'], unit='Angstrom')) - int(
+        item.get('charge', 0)
+    )
+
+
+def _fractional_problem(definition: dict, species: dict[str, dict]) -> str | None:
+    """Why the fractional systems of ``definition`` cannot be built from ``species``, or ``None``."""
+    from pyscf import gto
+
+    known = ', '.join(map(repr, species))
+    pairs = definition.get('fractional_charge', [])
+    if not isinstance(pairs, list):
+        return f'`fractional_charge` must be a list of [lower, upper] label pairs, got {pairs!r}'
+    for pair in pairs:
+        if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(x, str) for x in pair):
+            return f'`fractional_charge`: {pair!r} is not a [lower, upper] pair of species labels'
+        missing = [label for label in pair if label not in species]
+        if missing:
+            return f'`fractional_charge` pair {pair}: no species {", ".join(map(repr, missing))} (species: {known})'
+        lower, upper = (species[label] for label in pair)
+        n_lower, n_upper = _electrons(lower), _electrons(upper)
+        if n_upper != n_lower + 1:
+            return (
+                f'`fractional_charge` pair {pair}: needs N and N+1 electrons, '
+                f'{pair[0]!r} has {n_lower} and {pair[1]!r} {n_upper}'
+            )
+        frames = [gto.format_atom(item['atom'], unit='Angstrom') for item in (lower, upper)]
+        same = len(frames[0]) == len(frames[1]) and all(
+            a[0] == b[0] and all(abs(x - y) < 1e-8 for x, y in zip(a[1], b[1], strict=True))
+            for a, b in zip(*frames, strict=True)
+        )
+        if not same:
+            return f'`fractional_charge` pair {pair}: the two species are not the same nuclei at the same geometry'
+    for key in ('fractional_spin', 'integer'):
+        labels = definition.get(key, [])
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            return f'`{key}` must be a list of species labels, got {labels!r}'
+        missing = [label for label in labels if label not in species]
+        if missing:
+            return f'`{key}`: no species {", ".join(map(repr, missing))} (species: {known})'
+    for label in definition.get('fractional_spin', []):
+        if int(species[label].get('multiplicity', 1)) == 1:
+            return f'`fractional_spin`: species {label!r} has multiplicity 1, no spin polarisation to flip'
     return None
 
 
@@ -112,7 +255,7 @@ class ReferenceDataWorkChain(WorkChain):
             valid_type=orm.Dict,
             required=False,
             help='With `species`: {fractional_charge: [[lower, upper]...], fractional_spin: [...], '
-            'integer: [...], deltas, spin_fractions}.',
+            'integer: [...], reference_method}; every label must be a species.',
         )
         spec.input('basis', valid_type=orm.Str, default=lambda: orm.Str('6-31g'), help='PySCF basis for all species.')
         spec.input(

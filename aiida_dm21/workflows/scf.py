@@ -57,6 +57,13 @@ def validate_walltime_factor(value: orm.Float, _: t.Any = None) -> str | None:
     return None
 
 
+def validate_max_iterations(value: orm.Int, _: t.Any = None) -> str | None:
+    """``max_iterations`` is at least 1 (with 0 the workchain would end without a result)."""
+    if value.value < 1:
+        return f'max_iterations must be an integer >= 1 (the most runs in all), got {value.value}'
+    return None
+
+
 def _electrons(structure: orm.StructureData, charge: int) -> int:
     from aiida_dm21.calculations.scf import ATOMIC_NUMBERS, molecule_of
 
@@ -87,6 +94,7 @@ class DM21ScfWorkChain(ProtocolMixin, BaseRestartWorkChain):
             help='After a run stopped for the walltime, multiply `scf.metadata.options.max_wallclock_seconds` by this '
             'for the restart (1: keep it, the right choice when the queue has a hard limit).',
         )
+        spec.inputs['max_iterations'].validator = validate_max_iterations
         spec.outline(
             cls.setup,
             while_(cls.should_run_process)(
