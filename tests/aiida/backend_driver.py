@@ -7,10 +7,21 @@ its stdout::
     python backend_driver.py submit --checkpoint DM21.safetensors [--grid-level 1] [--wait TIMEOUT]  # -> {"pk" ...}
     python backend_driver.py wait --pk PK [--timeout 90]          # -> state, exit status, outputs, e_tot ...
     python backend_driver.py inspect-import --uuid UUID           # -> links, checkpoint attributes, re-run energy
+    python backend_driver.py slurm-computer --label L --transport core.local|core.ssh --workdir W --pythonpath P
+    python backend_driver.py slurm-scf --computer L --checkpoint F --options JSON [--wait T]   # dm21.scf workchain
+    python backend_driver.py slurm-dry-run --computer L --checkpoint F --options JSON --parameters JSON
+    python backend_driver.py slurm-reference --computer L --options JSON [--wait T]  # dm21.reference_data, H+ and H
+    python backend_driver.py slurm-train --computer L --dataset PK --checkpoint F --options JSON [--wait T]
 
 ``submit`` sets up what a fresh profile lacks (a ``localhost`` computer with ``core.local``/``core.direct`` and
 an ``InstalledCode`` ``dm21-python`` whose executable is this Python), stores the checkpoint and submits one
 ``dm21.scf`` of H2/STO-3G to the daemon (``aiida.engine.submit``).
+
+The ``slurm-*`` commands (``test_slurm.py``) make a ``core.slurm`` computer (``core.local`` transport on
+``localhost`` or ``core.ssh`` to ``127.0.0.1``) with a code ``dm21-python@LABEL`` whose ``prepend_text`` puts
+``--pythonpath`` (the repository under test) first on ``PYTHONPATH``, submit workchains there and report each
+CalcJob's scheduler job id, its retrieved scheduler stdout and the ``_aiidasubmit.sh`` read back from the remote
+working directory through the computer's own transport.
 
 The tests import :class:`IsolatedAiida` from this file (by path): the test-side handle of such a private
 ``AIIDA_PATH``, which runs ``verdi``, this driver and the daemon there and always stops the daemon.
@@ -130,6 +141,7 @@ def wait(args) -> dict:
 def _wait(pk: int, timeout: float) -> dict:
     """Wait until the process ``pk`` is terminated (or ``timeout`` s have passed); what it produced."""
     from aiida import orm
+    from aiida.common.links import LinkType
 
     start = time.monotonic()
     state = None
@@ -140,15 +152,22 @@ def _wait(pk: int, timeout: float) -> dict:
         time.sleep(0.5)
     waited = time.monotonic() - start
     node = orm.load_node(pk)
+    # a workchain's outputs are its RETURN links (its CALL links name the processes it ran)
+    outputs = node.base.links.get_outgoing(link_type=(LinkType.CREATE, LinkType.RETURN)).all_link_labels()
+    incoming = {entry.link_label: entry.node for entry in node.base.links.get_incoming().all()}
+    # the checkpoint of a dm21.scf CalcJob, of a dm21.scf workchain (namespace scf) or a dm21.train workchain
+    checkpoint = next(
+        (incoming[k] for k in ('checkpoint', 'scf__checkpoint', 'train__initial_checkpoint') if k in incoming), None
+    )
     result = {
         'process_state': state,
         'waited_s': round(waited, 1),
         'exit_status': node.exit_status,
         'exit_message': node.exit_message,
-        'outputs': sorted(node.base.links.get_outgoing().all_link_labels()),
+        'outputs': sorted(outputs),
         'storage_backend': node.backend.profile.storage_backend,
         'broker_backend': node.backend.profile.process_control_backend,
-        'checkpoint_sha256': node.inputs.checkpoint.weights_sha256,
+        'checkpoint_sha256': checkpoint.weights_sha256 if checkpoint is not None else None,
     }
     if 'output_parameters' in node.outputs:
         parameters = node.outputs.output_parameters.get_dict()
@@ -200,6 +219,218 @@ def inspect_import(args) -> dict:
         'archived_e_tot': calc.outputs.output_parameters['e_tot'],
         'rerun_e_tot': _energy_from_inputs(calc, network),
     }
+
+
+# --- Slurm computers (test_slurm.py) --------------------------------------------------------------------------
+
+
+def slurm_computer(args) -> dict:
+    """A ``core.slurm`` computer ``args.label`` and its code ``dm21-python@label`` (both made once)."""
+    _load()
+    from aiida import orm
+    from aiida.common.exceptions import NotExistent
+
+    try:
+        computer = orm.load_computer(args.label)
+    except NotExistent:
+        computer = orm.Computer(
+            label=args.label,
+            hostname='localhost' if args.transport == 'core.local' else '127.0.0.1',
+            transport_type=args.transport,
+            scheduler_type='core.slurm',
+            workdir=args.workdir,
+        )
+        # the job's own record of where it ran: compared with the job id AiiDA got from sbatch
+        computer.set_prepend_text(
+            'echo "dm21-slurm-job $SLURM_JOB_ID node=$SLURMD_NODENAME partition=$SLURM_JOB_PARTITION'
+            ' account=$SLURM_JOB_ACCOUNT nodes=$SLURM_JOB_NUM_NODES cpus_per_task=$SLURM_CPUS_PER_TASK'
+            ' mem=$SLURM_MEM_PER_NODE"'
+        )
+        computer.store()
+        computer.set_default_mpiprocs_per_machine(1)
+    if not computer.is_configured:
+        if args.transport == 'core.ssh':
+            computer.configure(
+                username=args.ssh_user,
+                port=args.ssh_port,
+                key_filename=args.ssh_key,
+                look_for_keys=False,
+                allow_agent=False,
+                key_policy='AutoAddPolicy',
+                timeout=30,
+                safe_interval=0,
+            )
+        else:
+            computer.configure(safe_interval=0)
+    computer.set_minimum_job_poll_interval(0.5)
+    try:
+        code = orm.load_code(f'dm21-python@{args.label}')
+    except NotExistent:
+        code = orm.InstalledCode(
+            label='dm21-python',
+            computer=computer,
+            filepath_executable=sys.executable,
+            prepend_text=f'export PYTHONPATH={args.pythonpath}${{PYTHONPATH:+:$PYTHONPATH}}\nexport OMP_NUM_THREADS=1',
+        ).store()
+    with computer.get_transport() as transport:  # the transport works and sees Slurm there
+        rc, stdout, stderr = transport.exec_command_wait('sinfo -h -o "%P %t"')
+    return {
+        'computer': computer.label,
+        'transport': computer.transport_type,
+        'scheduler': computer.scheduler_type,
+        'code': code.full_label,
+        'sinfo': [rc, stdout.strip(), stderr.strip()],
+    }
+
+
+def _h2():
+    from aiida import orm
+
+    structure = orm.StructureData(pbc=(False, False, False))
+    for symbol, position in H2:
+        structure.append_atom(symbols=symbol, position=position)
+    return structure
+
+
+def _calcjobs(node) -> list:
+    """What the CalcJobs called by the workchain ``node`` left: job id, scheduler stdout, submit script."""
+    from aiida import orm
+
+    jobs = []
+    for calc in sorted(node.called_descendants, key=lambda n: n.pk):
+        if not isinstance(calc, orm.CalcJobNode):
+            continue
+        entry = {
+            'pk': calc.pk,
+            'process_type': calc.process_type,
+            'exit_status': calc.exit_status,
+            'computer': calc.computer.label,
+            'job_id': calc.get_job_id(),
+            'scheduler_stdout': None,
+            'submit_script': None,
+            'remote_path': None,
+        }
+        if (
+            'retrieved' in calc.outputs
+            and '_scheduler-stdout.txt' in calc.outputs.retrieved.base.repository.list_object_names()
+        ):
+            entry['scheduler_stdout'] = calc.outputs.retrieved.base.repository.get_object_content(
+                '_scheduler-stdout.txt'
+            )
+        if 'remote_folder' in calc.outputs:
+            remote = calc.outputs.remote_folder
+            entry['remote_path'] = remote.get_remote_path()
+            with tempfile.TemporaryDirectory() as folder:  # through the computer's transport, not the local disk
+                remote.getfile('_aiidasubmit.sh', os.path.join(folder, 'script'))
+                entry['submit_script'] = Path(folder, 'script').read_text()
+        jobs.append(entry)
+    return jobs
+
+
+def _submit_and_report(builder, args) -> dict:
+    from aiida import orm
+    from aiida.engine import submit as submit_process
+
+    node = submit_process(builder)
+    result = {'pk': node.pk, 'uuid': node.uuid}
+    if args.wait is not None:
+        result.update(_wait(node.pk, args.wait))
+        result['calcjobs'] = _calcjobs(orm.load_node(node.pk))
+    return result
+
+
+def slurm_scf(args) -> dict:
+    """The ``dm21.scf`` workchain of H2/STO-3G (grid ``--grid-level``) on computer ``args.computer``."""
+    _load()
+    from aiida import orm
+    from aiida.plugins import DataFactory, WorkflowFactory
+
+    builder = WorkflowFactory('dm21.scf').get_builder()
+    builder.scf.code = orm.load_code(f'dm21-python@{args.computer}')
+    builder.scf.structure = _h2()
+    builder.scf.checkpoint = DataFactory('dm21.checkpoint').get_or_create(args.checkpoint)
+    builder.scf.parameters = orm.Dict({'basis': 'sto-3g', 'grid_level': args.grid_level})
+    builder.scf.metadata.options = json.loads(args.options)
+    return _submit_and_report(builder, args)
+
+
+def slurm_dry_run(args) -> dict:
+    """A ``dm21.scf`` CalcJob prepared but not submitted (``dry_run``): its ``_aiidasubmit.sh`` and input."""
+    _load()
+    from aiida import orm
+    from aiida.engine import run_get_node
+    from aiida.plugins import CalculationFactory, DataFactory
+
+    builder = CalculationFactory('dm21.scf').get_builder()
+    builder.code = orm.load_code(f'dm21-python@{args.computer}')
+    builder.structure = _h2()
+    builder.checkpoint = DataFactory('dm21.checkpoint').get_or_create(args.checkpoint)
+    builder.parameters = orm.Dict({'basis': 'sto-3g', 'grid_level': 0, **json.loads(args.parameters)})
+    builder.metadata.options = json.loads(args.options)
+    builder.metadata.dry_run = True
+    builder.metadata.store_provenance = False
+    _, node = run_get_node(builder)
+    folder = Path(node.dry_run_info['folder'])
+    result = {
+        'submit_script': (folder / '_aiidasubmit.sh').read_text(),
+        'files': sorted(p.name for p in folder.iterdir()),
+        'input': json.loads((folder / 'input.json').read_text()) if (folder / 'input.json').is_file() else None,
+    }
+    shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+#: the smallest reference set of the test suite (test_training_chain.py): H+ and H, FCI, three systems
+REFERENCE_SPECIES = [
+    {'label': 'H+', 'atom': 'H 0 0 0', 'charge': 1, 'multiplicity': 1},
+    {'label': 'H', 'atom': 'H 0 0 0', 'charge': 0, 'multiplicity': 2},
+]
+
+
+def slurm_reference(args) -> dict:
+    """``dm21.reference_data`` on H+ and H (FCI, 6-31G): two ``dm21.reference`` jobs, one dataset."""
+    _load()
+    from aiida import orm
+    from aiida.plugins import WorkflowFactory
+
+    builder = WorkflowFactory('dm21.reference_data').get_builder()
+    builder.code = orm.load_code(f'dm21-python@{args.computer}')
+    builder.species = orm.List(REFERENCE_SPECIES)
+    builder.fractional = orm.Dict({'fractional_charge': [['H+', 'H']], 'fractional_spin': ['H'], 'integer': ['H']})
+    builder.reference_method = orm.Str('fci')
+    builder.deltas = orm.List([0.5])
+    builder.spin_fractions = orm.List([0.5])
+    builder.options = orm.Dict(json.loads(args.options))
+    result = _submit_and_report(builder, args)
+    node = orm.load_node(result['pk'])
+    if 'dataset' in node.outputs:
+        dataset = node.outputs.dataset
+        result['dataset'] = {'pk': dataset.pk, 'n_systems': dataset.n_systems, 'kinds': dataset.kinds}
+    return result
+
+
+def slurm_train(args) -> dict:
+    """``dm21.train`` (workchain), one epoch from DM21 on the dataset ``args.dataset``."""
+    _load()
+    from aiida import orm
+    from aiida.plugins import DataFactory, WorkflowFactory
+
+    builder = WorkflowFactory('dm21.train').get_builder()
+    builder.train.code = orm.load_code(f'dm21-python@{args.computer}')
+    builder.train.datasets = {'hydrogen': orm.load_node(args.dataset)}
+    builder.train.parameters = orm.Dict({'epochs': 1, 'learning_rate': 1e-4, 'grid_level': 0})
+    builder.train.seed = orm.Int(3)
+    builder.train.initial_checkpoint = DataFactory('dm21.checkpoint').get_or_create(args.checkpoint)
+    builder.train.metadata.options = json.loads(args.options)
+    result = _submit_and_report(builder, args)
+    node = orm.load_node(result['pk'])
+    if 'checkpoint' in node.outputs:
+        result['trained'] = {
+            'source': node.outputs.checkpoint.base.attributes.get('source'),
+            'weights_sha256': node.outputs.checkpoint.weights_sha256,
+            'epochs': [float(x) for x in node.outputs.loss_curves.get_array('epoch')],
+        }
+    return result
 
 
 # --- the test side: a private AIIDA_PATH driven through subprocesses ---------------------------------------
@@ -324,6 +555,31 @@ def main(argv: list[str] | None = None) -> int:
     one = commands.add_parser('inspect-import')
     one.add_argument('--uuid', required=True)
     one.set_defaults(func=inspect_import)
+    one = commands.add_parser('slurm-computer')
+    one.add_argument('--label', required=True)
+    one.add_argument('--transport', choices=['core.local', 'core.ssh'], required=True)
+    one.add_argument('--workdir', required=True)
+    one.add_argument('--pythonpath', required=True, help='put first on PYTHONPATH of the jobs (the repository)')
+    one.add_argument('--ssh-port', type=int, default=22)
+    one.add_argument('--ssh-key')
+    one.add_argument('--ssh-user', default='root')
+    one.set_defaults(func=slurm_computer)
+    for name, func in (('slurm-scf', slurm_scf), ('slurm-reference', slurm_reference), ('slurm-train', slurm_train)):
+        one = commands.add_parser(name)
+        one.add_argument('--computer', required=True)
+        one.add_argument('--options', required=True, help='metadata.options (JSON)')
+        one.add_argument('--wait', type=float, metavar='TIMEOUT', help='then wait for the process, as `wait` does')
+        if name != 'slurm-reference':
+            one.add_argument('--checkpoint', required=True)
+        one.add_argument('--grid-level', type=int, default=0)
+        one.add_argument('--dataset', type=int)
+        one.set_defaults(func=func)
+    one = commands.add_parser('slurm-dry-run')
+    one.add_argument('--computer', required=True)
+    one.add_argument('--checkpoint', required=True)
+    one.add_argument('--options', required=True, help='metadata.options (JSON)')
+    one.add_argument('--parameters', default='{}', help='over {basis: sto-3g, grid_level: 0} (JSON)')
+    one.set_defaults(func=slurm_dry_run)
     args = parser.parse_args(argv)
     result = args.func(args)
     print(json.dumps(result, default=str))

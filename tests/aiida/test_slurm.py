@@ -1,0 +1,274 @@
+"""Real jobs through the AiiDA daemon as Slurm jobs: ``core.slurm`` with the ``core.local`` and ``core.ssh`` transports.
+
+Needs a single-node Slurm (``.ci/slurm.sh``) and, for the ``core.ssh`` tests, the private sshd on 127.0.0.1
+(``.ci/sshd.sh``: port ``AIIDA_DM21_SSHD_PORT``, 2222, key ``$AIIDA_DM21_SSHD_DIR/id_ed25519``).  Without them the
+tests skip and say why; with ``AIIDA_DM21_REQUIRE_SLURM=1`` (CI) they fail instead.
+
+One private ``AIIDA_PATH`` (``verdi presto --use-zeromq``) and one daemon serve the whole module, driven through
+``backend_driver.py`` as in ``test_backends.py``.  Two ``core.slurm`` computers: ``slurm-local`` (``core.local`` on
+``localhost``) and ``slurm-ssh`` (``core.ssh`` to 127.0.0.1 only: files and ``sbatch`` go through SSH, nothing reads
+the submitting side's disk directly).  Their code ``dm21-python`` is this Python with ``PYTHONPATH`` starting at
+this repository (code ``prepend_text``), so the jobs import the ``aiida_dm21`` under test, also in a clean clone.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip('aiida.engine')
+
+pytestmark = [pytest.mark.aiida, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+H2 = [('H', (0.0, 0.0, 0.0)), ('H', (0.0, 0.0, 0.74))]
+PARTITION = os.environ.get('AIIDA_DM21_SLURM_PARTITION', 'debug')
+SSHD_PORT = int(os.environ.get('AIIDA_DM21_SSHD_PORT', '2222'))
+SSHD_KEY = Path(os.environ.get('AIIDA_DM21_SSHD_DIR', '/var/lib/aiida-dm21-sshd')) / 'id_ed25519'
+ACCOUNT = 'dm21-ci'  # without an accounting database Slurm takes any account name and passes it to the job
+#: what the SCF jobs ask of Slurm, and the #SBATCH lines AiiDA's core.slurm must write for it
+OPTIONS = {
+    'resources': {'num_machines': 1, 'num_mpiprocs_per_machine': 1, 'num_cores_per_mpiproc': 2},
+    'max_wallclock_seconds': 1230,
+    'max_memory_kb': 2 * 1024 * 1024,
+    'queue_name': PARTITION,
+    'account': ACCOUNT,
+}
+SBATCH = [
+    '#SBATCH --nodes=1',
+    '#SBATCH --ntasks-per-node=1',
+    '#SBATCH --cpus-per-task=2',
+    '#SBATCH --time=00:20:30',
+    '#SBATCH --mem=2048',
+    f'#SBATCH --partition={PARTITION}',
+    f'#SBATCH --account={ACCOUNT}',
+]
+#: the reference and training jobs: one core each (the two reference jobs run side by side on two cores)
+SMALL = {
+    'resources': {'num_machines': 1, 'num_mpiprocs_per_machine': 1, 'num_cores_per_mpiproc': 1},
+    'max_wallclock_seconds': 600,
+    'queue_name': PARTITION,
+}
+SCF_OUTPUTS = ['output_density', 'output_parameters', 'remote_folder', 'retrieved']
+
+
+def _driver_module():
+    spec = importlib.util.spec_from_file_location('dm21_backend_driver', Path(__file__).with_name('backend_driver.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+IsolatedAiida = _driver_module().IsolatedAiida
+
+
+# --- is Slurm / sshd up? -------------------------------------------------------------------------------------
+
+
+def _run(*command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+
+
+def _slurm_problem() -> str | None:
+    """Why no Slurm job can run here, or ``None``."""
+    for tool in ('sbatch', 'squeue', 'sinfo', 'scontrol'):
+        if shutil.which(tool) is None:
+            return f'`{tool}` is not installed'
+    done = _run('scontrol', 'ping')
+    if done.returncode != 0 or 'UP' not in done.stdout:
+        return f'slurmctld does not answer `scontrol ping`: {(done.stdout + done.stderr).strip()}'
+    done = _run('sinfo', '-h', '-p', PARTITION, '-o', '%t')
+    states = done.stdout.split()
+    if done.returncode != 0 or not any(s.rstrip('*~#').startswith(('idle', 'mix', 'alloc')) for s in states):
+        return f'no node of partition {PARTITION!r} is up (sinfo: {(done.stdout + done.stderr).strip() or "nothing"})'
+    return None
+
+
+def _sshd_problem() -> str | None:
+    """Why the private sshd on 127.0.0.1 cannot be used, or ``None``."""
+    if not SSHD_KEY.is_file():
+        return f'no client key {SSHD_KEY}'
+    try:
+        socket.create_connection(('127.0.0.1', SSHD_PORT), timeout=5).close()
+    except OSError as exc:
+        return f'nothing listens on 127.0.0.1:{SSHD_PORT}: {exc}'
+    return None
+
+
+def _require(problem: str | None, what: str, script: str) -> None:
+    if problem is None:
+        return
+    message = f'{what} (start it with {script}): {problem}'
+    if os.environ.get('AIIDA_DM21_REQUIRE_SLURM') == '1':
+        pytest.fail(message)  # CI starts Slurm and sshd: a skip there would hide a broken set-up
+    pytest.skip(message)
+
+
+# --- fixtures ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def reference_energy(dm21_checkpoint_file) -> float:
+    """H2/STO-3G, grid level 0, with the core ``KS`` in this process."""
+    from pyscf import gto
+
+    from aiida_dm21.functional.scf import KS
+
+    mol = gto.M(atom=H2, basis='sto-3g', unit='Angstrom', verbose=0)
+    mf = KS(mol, dm21_checkpoint_file)
+    mf.grids.level = 0
+    return float(mf.kernel())
+
+
+@pytest.fixture(scope='module')
+def slurm_aiida(tmp_path_factory):
+    """A private profile with the computers ``slurm-local`` (and ``slurm-ssh`` if sshd is up) and a daemon.
+
+    Yields ``(aiida, computers)``: ``computers`` maps label to what ``slurm-computer`` answered, or to the reason
+    the computer could not be made."""
+    _require(_slurm_problem(), 'Slurm tests need a running single-node Slurm', '.ci/slurm.sh')
+    root = tmp_path_factory.mktemp('slurm-aiida')
+    aiida = IsolatedAiida(root / 'aiida', f'dm21-slurm-{uuid.uuid4().hex[:8]}')
+    aiida.verdi('presto', '--non-interactive', '--use-zeromq', '--profile-name', aiida.profile, '--email', 'dm21@test')
+    computers: dict[str, dict | str] = {}
+    computers['slurm-local'] = aiida.driver(
+        'slurm-computer', '--label', 'slurm-local', '--transport', 'core.local',
+        '--workdir', str(root / 'work-local'), '--pythonpath', str(REPO),
+    )  # fmt: skip
+    problem = _sshd_problem()
+    if problem is None:
+        computers['slurm-ssh'] = aiida.driver(
+            'slurm-computer', '--label', 'slurm-ssh', '--transport', 'core.ssh',
+            '--workdir', str(root / 'work-ssh'), '--pythonpath', str(REPO),
+            '--ssh-port', str(SSHD_PORT), '--ssh-key', str(SSHD_KEY), '--ssh-user', _user(),
+        )  # fmt: skip
+    else:
+        computers['slurm-ssh'] = problem
+    try:
+        with aiida.daemon():
+            yield aiida, computers
+    finally:
+        print('\n'.join(f'{seconds:6.1f} s  {command}' for command, seconds in aiida.timings))
+
+
+def _user() -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+def _computer(slurm_aiida, label: str):
+    aiida, computers = slurm_aiida
+    if isinstance(computers[label], str):
+        _require(computers[label], 'The core.ssh tests need the private sshd on 127.0.0.1', '.ci/sshd.sh')
+    info = computers[label]
+    assert info['scheduler'] == 'core.slurm'
+    assert info['sinfo'][0] == 0 and PARTITION in info['sinfo'][1], info  # the transport reaches Slurm
+    return aiida, info
+
+
+def _check_slurm_job(job: dict, computer: str, lines: list[str]) -> None:
+    """The CalcJob ran as a Slurm job on ``computer``: its job id, the job's own record, the #SBATCH lines."""
+    assert job['computer'] == computer
+    assert job['job_id'] and job['job_id'].isdigit(), job
+    record = re.search(r'^dm21-slurm-job (\S+) node=(\S*) partition=(\S*) .*$', job['scheduler_stdout'] or '', re.M)
+    assert record, job['scheduler_stdout']
+    assert record.group(1) == job['job_id'] and record.group(2) == socket.gethostname().split('.')[0]
+    assert record.group(3) == PARTITION
+    script = job['submit_script']
+    assert script and script.startswith('#!/bin/bash'), job
+    sbatch = [line.strip() for line in script.splitlines() if line.startswith('#SBATCH')]
+    for line in lines:
+        assert line in sbatch, f'{line!r} not in the submitted script:\n{script}'
+    assert f'export PYTHONPATH={REPO}' in script  # the code's prepend_text: the jobs import this repository
+
+
+def _check_scf(result: dict, reference: float, logs: str) -> dict:
+    assert result['process_state'] == 'finished', f'{result}\n{logs}'
+    assert result['exit_status'] == 0, f'{result}\n{logs}'
+    assert result['outputs'] == SCF_OUTPUTS
+    assert result['converged'] is True
+    assert result['functional_sha256'] == result['checkpoint_sha256']
+    assert abs(result['e_tot'] - reference) < 1e-6, (result['e_tot'], reference)
+    jobs = result['calcjobs']
+    assert len(jobs) == 1 and jobs[0]['process_type'] == 'aiida.calculations:dm21.scf', jobs
+    assert jobs[0]['exit_status'] == 0
+    return jobs[0]
+
+
+# --- the tests -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('label', ['slurm-local', 'slurm-ssh'])
+def test_scf_workchain_as_slurm_job(slurm_aiida, label, dm21_checkpoint_file, reference_energy):
+    """``dm21.scf`` (workchain) of H2/STO-3G on a ``core.slurm`` computer: OK, the in-process energy, and the
+    ``_aiidasubmit.sh`` in the remote working directory (read through the transport) asks what the options say."""
+    aiida, info = _computer(slurm_aiida, label)
+    assert info['transport'] == ('core.local' if label == 'slurm-local' else 'core.ssh')
+    result = aiida.driver(
+        'slurm-scf', '--computer', label, '--checkpoint', str(dm21_checkpoint_file),
+        '--options', json.dumps(OPTIONS), '--wait', '240', timeout=300,
+    )  # fmt: skip
+    job = _check_scf(result, reference_energy, aiida.logs())
+    _check_slurm_job(job, label, SBATCH)
+    record = re.search(r'^dm21-slurm-job .*$', job['scheduler_stdout'], re.M).group(0)
+    # what Slurm granted, as the job saw it (only what Slurm exports to every batch job)
+    assert f'account={ACCOUNT}' in record and 'nodes=1' in record and 'cpus_per_task=2' in record, record
+    assert 'mem=2048' in record, record
+
+
+def test_gpu_request_in_submit_script(slurm_aiida, dm21_checkpoint_file):
+    """A GPU job as one would submit it to a GPU partition: ``custom_scheduler_commands`` carries ``--gres``
+    (AiiDA's ``core.slurm`` has no GPU resource) and ``device: cuda`` reaches the runner's input.  Only prepared
+    (``dry_run``), never submitted: there is no GPU here."""
+    aiida, _ = _computer(slurm_aiida, 'slurm-local')
+    options = {**OPTIONS, 'queue_name': 'gpu', 'custom_scheduler_commands': '#SBATCH --gres=gpu:1'}
+    result = aiida.driver(
+        'slurm-dry-run', '--computer', 'slurm-local', '--checkpoint', str(dm21_checkpoint_file),
+        '--options', json.dumps(options), '--parameters', json.dumps({'device': 'cuda'}),
+    )  # fmt: skip
+    sbatch = [line for line in result['submit_script'].splitlines() if line.startswith('#SBATCH')]
+    assert '#SBATCH --gres=gpu:1' in sbatch, result['submit_script']
+    assert '#SBATCH --partition=gpu' in sbatch
+    assert '#SBATCH --cpus-per-task=2' in sbatch and '#SBATCH --mem=2048' in sbatch
+    assert result['input'] is not None and result['input']['device'] == 'cuda', result['input']
+
+
+def test_reference_data_then_training_as_slurm_jobs(slurm_aiida, dm21_checkpoint_file):
+    """``dm21.reference_data`` (H+ and H, FCI: two ``dm21.reference`` Slurm jobs on ``slurm-local``), then the
+    ``dm21.train`` workchain, one epoch from DM21 on that dataset, as a Slurm job on ``slurm-ssh`` (the dataset and
+    the checkpoint go up, the trained weights come back, through SSH)."""
+    aiida, _ = _computer(slurm_aiida, 'slurm-ssh')  # both computers first: no skip after half the work
+    aiida, _ = _computer(slurm_aiida, 'slurm-local')
+    reference = aiida.driver(
+        'slurm-reference', '--computer', 'slurm-local', '--options', json.dumps(SMALL), '--wait', '240', timeout=300
+    )
+    logs = aiida.logs()
+    assert reference['process_state'] == 'finished' and reference['exit_status'] == 0, f'{reference}\n{logs}'
+    assert reference['dataset']['n_systems'] == 3 and reference['dataset']['kinds'] == {'fc': 1, 'fs': 1, 'integer': 1}
+    jobs = reference['calcjobs']
+    assert [j['process_type'] for j in jobs] == ['aiida.calculations:dm21.reference'] * 2, jobs
+    for job in jobs:
+        assert job['exit_status'] == 0, job
+        _check_slurm_job(job, 'slurm-local', ['#SBATCH --cpus-per-task=1', '#SBATCH --time=00:10:00'])
+    assert len({j['job_id'] for j in jobs}) == 2
+
+    train = aiida.driver(
+        'slurm-train', '--computer', 'slurm-ssh', '--dataset', str(reference['dataset']['pk']),
+        '--checkpoint', str(dm21_checkpoint_file), '--options', json.dumps(SMALL), '--wait', '300', timeout=360,
+    )  # fmt: skip
+    assert train['process_state'] == 'finished' and train['exit_status'] == 0, f'{train}\n{aiida.logs()}'
+    assert train['trained']['source'] == 'trained' and train['trained']['epochs'] == [1.0]
+    assert train['checkpoint_sha256'] and train['trained']['weights_sha256'] != train['checkpoint_sha256']
+    jobs = train['calcjobs']
+    assert [j['process_type'] for j in jobs] == ['aiida.calculations:dm21.train'], jobs
+    _check_slurm_job(jobs[0], 'slurm-ssh', ['#SBATCH --cpus-per-task=1', f'#SBATCH --partition={PARTITION}'])
