@@ -300,7 +300,7 @@ def test_command_refuses_bad_input(case, upstream_dir, tmp_path, monkeypatch):
     assert not Path('/tmp/aiida-dm21-abs.safetensors').exists() and not (tmp_path.parent / 'x.safetensors').exists()
 
 
-# --- refusals that belong in functional/scf.py (the KS API): recorded, not fixed here -------------------------
+# --- refusals of the KS API (functional/scf.py) ------------------------------------------------------------
 
 
 def _ks(atom: str, basis: str = 'sto-3g', network: t.Any = None, **mol_kwargs):
@@ -347,11 +347,9 @@ KS_GAPS = {
 
 
 @pytest.mark.parametrize('case', list(KS_GAPS))
-def test_ks_api_refusal_missing(case, request):
-    """Strict xfail: each of these gives a traceback or a wrong result today; the refusal belongs in functional/scf.py
-    (or numint.check_supported_molecule), which another change owns.  Expected: a ValueError naming the problem."""
-    build, today = KS_GAPS[case]
-    request.applymarker(pytest.mark.xfail(strict=True, reason=f'functional/scf.py: {today}'))
+def test_ks_api_refuses(case):
+    """Each of these gave a traceback or a wrong result (the text in KS_GAPS); now a ValueError naming the problem."""
+    build, _before = KS_GAPS[case]
     with pytest.raises(ValueError) as info:
         result = build()
         if isinstance(result, float) and np.isfinite(result):

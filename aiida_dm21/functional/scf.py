@@ -36,9 +36,10 @@ from pyscf.dft import roks as pyscf_roks
 from pyscf.dft import uks as pyscf_uks
 from pyscf.lib import logger
 
-from .checkpoint import load_network
+from . import molecule
+from .checkpoint import CheckpointError, check_finite, load_network
 from .model import DM21Network
-from .numint import DM21NumInt, check_supported_molecule
+from .numint import DM21NumInt, UnsupportedSystemError, check_supported_molecule
 
 __all__ = ['KS', 'RKS', 'ROKS', 'UKS', 'b3lyp_guess', 'b3lyp_solver']
 
@@ -103,8 +104,14 @@ class _DM21Mixin:
         check_supported_molecule(self.mol)
         if isinstance(functional, DM21Network):
             network, metadata = functional, {'name': 'in-memory network'}
-        else:
+            check_finite(dict(network.state_dict()), 'the network')
+        elif isinstance(functional, (str, Path)):
             network, metadata = load_network(functional)
+        else:
+            raise CheckpointError(
+                f'functional must be a name (DM21, DM21m, DM21mc, DM21mu), a checkpoint path or a DM21Network, '
+                f'got {functional!r} ({type(functional).__name__})'
+            )
         self.functional = metadata.get('name', str(functional))
         self.checkpoint_metadata = metadata
         self.network = network
@@ -249,6 +256,19 @@ def _check_mol(mol) -> None:
     if not getattr(mol, '_built', True) or mol._atm is None or len(mol._atm) == 0:
         raise ValueError('the molecule is not built: call mol.build() first')
     check_supported_molecule(mol)
+    ecp = molecule.missing_ecp(mol)
+    if ecp:
+        raise UnsupportedSystemError(
+            f'the basis of {", ".join(sorted(ecp))} ({", ".join(sorted(set(ecp.values())))}) is made for an effective '
+            'core potential, but the molecule was built without it (ecp=): all electrons would run in a valence '
+            'basis; DM21 needs an all-electron basis set (e.g. cc-pVDZ, or x2c-SVPall / ANO for heavy elements)'
+        )
+    symbols = [mol.atom_pure_symbol(i) for i in range(mol.natm)]
+    problem = molecule.check_geometry(symbols, mol.atom_coords(unit='Angstrom')) or molecule.check_occupations(
+        mol.nelec, mol.nao_nr(), str(mol.basis)
+    )
+    if problem:
+        raise UnsupportedSystemError(problem)
 
 
 def RKS(mol, functional: FunctionalSpec = 'DM21', **kwargs) -> DM21RKS:  # noqa: N802 (PySCF naming)
