@@ -1,16 +1,17 @@
 """DM21 features, energy and Fock matrix on a PySCF grid (no AiiDA).
 
-The energy is E_xc[D] = sum_g w_g e_xc(x_g[D]) with the 11 features x_g of :mod:`.model`.  Everything
-from the density matrices to E_xc is written in PyTorch, so the XC potential matrix is the exact
-derivative dE_xc/dD from autograd: the semi-local part (what PySCF would assemble from
-vrho/vsigma/vtau) and the local Hartree-Fock part (which no stock PySCF functional has) come out of
-one backward pass.
+The energy is E_xc[D] = sum_g w_g e_xc(x_g[D]) with the 11 features x_g of :mod:`.model`.  The SCF path
+(:func:`_block_features`, :func:`_block_potential`) writes the chain rule to dE_xc/dD out by hand; the
+training path (:func:`_features`) runs the same map through autograd (it needs higher derivatives), and
+the tests hold the two equal.
 
 Cost.  The local-HF features need nu_bd(r) = int chi_b(r') v_omega(|r - r'|) chi_d(r') dr' at every grid
-point for both omegas: ``ngrid x nao^2`` three-centre integrals, by far the most expensive
-ingredient, and independent of the density matrix.  DeepMind's code recomputes them at every SCF
-iteration; here they are computed once per (molecule, grid) and cached for the whole SCF when they
-fit in ``max_memory`` (MB), otherwise recomputed block by block (same result, more time).
+point for both omegas: ``ngrid x nao^2`` three-centre integrals, by far the most expensive ingredient, and
+independent of the density matrix.  DeepMind's code recomputes them at every SCF iteration.  Here they are
+screened (only the AOs whose E_b = (chi D)_b matter, per grid block: :meth:`DM21NumInt._needed_shells`),
+stored packed in float32, and cached between evaluations within a memory budget that follows the machine
+(or ``max_memory`` when the user sets it); what does not fit is recomputed block by block.  One log line
+says which path was taken (docs/core.md).
 """
 
 from __future__ import annotations
