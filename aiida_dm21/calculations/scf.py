@@ -121,10 +121,6 @@ def _direction(value: t.Any) -> str | None:
     return None
 
 
-def _finite_at_least_zero(value: t.Any) -> str | None:
-    return None if math.isfinite(value) and value >= 0 else f'{value!r} must be a finite number >= 0'
-
-
 _DEVICE = re.compile(r'^(cpu|cuda(:\d+)?)$')
 
 
@@ -178,7 +174,7 @@ PARAMETERS: dict[str, Parameter] = {
         (float, int),
         1e-5,  # aiida_dm21.functional.numint.DEFAULT_SCREENING (not imported: it would load PyTorch here)
         'local-HF integral screening threshold (Ha, an estimated bound on the E_xc error); 0: dense',
-        _finite_at_least_zero,
+        _at_least(0),  # and finite: Parameter.validate refuses NaN and inf for every float
     ),
     'newton': Parameter(
         (bool,),

@@ -211,9 +211,9 @@ def test_alloy_refused(inputs, count_nodes):
         (H2, {'device': 'gpu'}, "'gpu' is not a device"),
         (H2, {'device': 'cuda:x'}, "'cuda:x' is not a device"),
         (H2, {'device': 0}, '`device` must be str'),
-        (H2, {'screening': -1e-6}, 'must be a finite number >= 0'),
-        (H2, {'screening': float('inf')}, 'must be a finite number >= 0'),
-        (H2, {'screening': float('nan')}, 'must be a finite number >= 0'),
+        (H2, {'screening': -1e-6}, 'must be >= 0'),
+        (H2, {'screening': float('inf')}, '`screening` must be a finite number'),
+        (H2, {'screening': float('nan')}, '`screening` must be a finite number'),
         (H2, {'screening': 'tight'}, '`screening` must be float or int'),
     ],
 )
