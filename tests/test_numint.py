@@ -331,7 +331,7 @@ def test_scf_logs_the_integral_path_and_uses_max_memory_when_set(dm21_network, t
     automatic.grids.level = 0
     automatic.init_guess = 'minao'
     automatic.kernel()
-    assert automatic._numint._plan_cache.budget_why == 'half the available memory'
+    assert automatic._numint._plan_cache.budget_why == '30% of the available memory'
     assert automatic.e_tot == pytest.approx(mf.e_tot, abs=1e-6)
 
 

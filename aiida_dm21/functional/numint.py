@@ -47,6 +47,11 @@ __all__ = [
 DEFAULT_SCREENING: float = 1e-5
 
 
+#: Share of the available memory (RAM, or free GPU memory) that the integral cache may take by default: the rest
+#: is for the SCF's own work (AO blocks, J, the B3LYP guess, PySCF's DIIS), so that the peak stays near 1/3.
+CACHE_MEMORY_FRACTION: float = 0.3
+
+
 class UnsupportedSystemError(ValueError):
     """The molecule cannot be treated by the DM21 functionals (periodic cell, ECP, ...)."""
 
@@ -226,8 +231,8 @@ class DM21NumInt(pyscf_numint.NumInt):
 
         For ``restricted`` the single matrix is used for both spin channels and the returned potential
         is dE_xc/dD_total (what PySCF's RKS Fock matrix needs).  ``max_memory`` (MB) bounds what is cached
-        between evaluations (AO values, screened nu integrals); None: half the memory available to this
-        process (:func:`available_memory_mb`), or :attr:`memory_budget_mb` when set.
+        between evaluations (AO values, screened nu integrals); None: :data:`CACHE_MEMORY_FRACTION` of the memory
+        available to this process (:func:`available_memory_mb`), or :attr:`memory_budget_mb` when set.
         """
         check_supported_molecule(mol)
         if grids.coords is None:
@@ -362,8 +367,8 @@ class DM21NumInt(pyscf_numint.NumInt):
             return max(0.0, float(max_memory)), 'max_memory'
         if self.device.type == 'cuda':
             free, _ = torch.cuda.mem_get_info(self.device)
-            return 0.5 * free / 1e6, 'half the free GPU memory'
-        return 0.5 * available_memory_mb(), 'half the available memory'
+            return CACHE_MEMORY_FRACTION * free / 1e6, f'{CACHE_MEMORY_FRACTION:.0%} of the free GPU memory'
+        return CACHE_MEMORY_FRACTION * available_memory_mb(), f'{CACHE_MEMORY_FRACTION:.0%} of the available memory'
 
     def reset_cache(self) -> None:
         self._cache_key = None
