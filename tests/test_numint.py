@@ -367,3 +367,18 @@ def test_available_memory_is_positive_and_bounded():
 
     mb = available_memory_mb()
     assert 0 < mb < 1e8
+
+
+def test_pytorch_path_equals_the_compiled_one(dm21_network, octane_case, monkeypatch):
+    """The GPU runs the PyTorch branch of the screened evaluation: on the CPU it must give what the kernels give."""
+    from aiida_dm21.functional import kernels
+
+    if not kernels.available():
+        pytest.skip('numba is not importable: only the PyTorch path exists here')
+    _, compiled = _evaluate(dm21_network, octane_case, screening=1e-4)
+    monkeypatch.setenv('AIIDA_DM21_FUSED', '0')
+    assert not kernels.available()
+    _, pytorch = _evaluate(dm21_network, octane_case, screening=1e-4)
+    assert pytorch.exc == pytest.approx(compiled.exc, abs=1e-7)  # float32 network: PyTorch vs fused element-wise
+    np.testing.assert_allclose(pytorch.vxc, compiled.vxc, atol=1e-6)
+    np.testing.assert_allclose(pytorch.nelec, compiled.nelec, rtol=1e-12)
