@@ -184,11 +184,11 @@ def fractional_curve(
     upper = 1.0 if kind == 'charge' else 0.5
     fractions = np.union1d(np.linspace(0.0, upper, n_points), [0.5])
 
+    mol = _molecule(molecule, basis, charge, spin)  # the input first: a bad molecule is refused whatever is installed
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:
         raise click.ClickException("the picture needs matplotlib: pip install 'aiida-dm21[plot]'") from exc
-    mol = _molecule(molecule, basis, charge, spin)
     try:
         resolved = [resolve_functional(spec) for spec in (functionals or ('DM21', 'b3lyp5'))]
     except (CheckpointError, ValueError) as exc:
