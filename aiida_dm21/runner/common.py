@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ('INPUT_FORMAT_VERSION', 'check_format_version', 'package_versions', 'write_json')
+__all__ = (
+    'INPUT_FORMAT_VERSION',
+    'InputFileError',
+    'check_format_version',
+    'package_versions',
+    'read_json_object',
+    'write_json',
+)
 
 #: Version of the ``input.json`` / ``config.json`` layout the CalcJobs write and these runners read.
 INPUT_FORMAT_VERSION = 1
@@ -33,6 +40,23 @@ def package_versions() -> dict[str, str]:
         except Exception:  # a version is information, never a reason to fail
             found[module] = 'unknown'
     return found
+
+
+class InputFileError(ValueError):
+    """The input file of a runner is missing, not JSON, or not a JSON object."""
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; :class:`InputFileError` saying why when there is none."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise InputFileError(f'input file {path} does not exist') from exc
+    except (OSError, ValueError) as exc:
+        raise InputFileError(f'input file {path} is not valid JSON: {exc}') from exc
+    if not isinstance(data, dict):
+        raise InputFileError(f'input file {path} must hold a JSON object')
+    return data
 
 
 def check_format_version(data: dict[str, Any], name: str) -> str | None:

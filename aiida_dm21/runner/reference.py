@@ -18,14 +18,19 @@ Exit status: 0 done and converged, 3 done but a step did not converge, 2 bad inp
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-from aiida_dm21.runner.common import check_format_version, package_versions, write_json
+from aiida_dm21.runner.common import (
+    InputFileError,
+    check_format_version,
+    package_versions,
+    read_json_object,
+    write_json,
+)
 
 __all__ = ('ARRAYS_FILE', 'ERROR_CATEGORIES', 'RESULTS_FILE', 'main', 'unconverged_steps')
 
@@ -63,13 +68,9 @@ def unconverged_steps(scalars: dict[str, Any]) -> list[str]:
 def read_input(path: Path) -> dict[str, Any]:
     """``input.json``, checked for its format version and the keys the runner needs."""
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise RunnerError('unsupported_input', f'input file {path} does not exist') from exc
-    except (OSError, ValueError) as exc:
-        raise RunnerError('unsupported_input', f'input file {path} is not valid JSON: {exc}') from exc
-    if not isinstance(data, dict):
-        raise RunnerError('unsupported_input', f'input file {path} must hold a JSON object')
+        data = read_json_object(path)
+    except InputFileError as exc:
+        raise RunnerError('unsupported_input', str(exc)) from exc
     problem = check_format_version(data, str(path.name))
     if problem:
         raise RunnerError('unsupported_format', problem)

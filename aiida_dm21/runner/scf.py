@@ -54,6 +54,7 @@ import numpy as np
 
 # the molecule checks live in the core (the SCF objects run them too); the plugin layer imports them from here
 from aiida_dm21.functional.molecule import MIN_DISTANCE_ANGSTROM, basis_ecp, check_geometry, check_occupations
+from aiida_dm21.runner.common import InputFileError, read_json_object
 
 __all__ = [
     'DENSITY_FILE',
@@ -115,13 +116,9 @@ class WalltimeExceeded(Exception):  # noqa: N818 (not an error of the calculatio
 def read_input(path: Path) -> dict[str, Any]:
     """``input.json``, checked for the keys and types the runner needs."""
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise RunnerError('unsupported_input', f'input file {path} does not exist') from exc
-    except (OSError, ValueError) as exc:
-        raise RunnerError('unsupported_input', f'input file {path} is not valid JSON: {exc}') from exc
-    if not isinstance(data, dict):
-        raise RunnerError('unsupported_input', f'input file {path} must hold a JSON object')
+        data = read_json_object(path)
+    except InputFileError as exc:
+        raise RunnerError('unsupported_input', str(exc)) from exc
     required = ('symbols', 'positions', 'basis')
     missing = [key for key in required if key not in data]
     if missing:
