@@ -7,11 +7,9 @@ import typing as t
 
 import numpy as np
 from aiida.engine import ExitCode
+from aiida.parsers import Parser
 
-if t.TYPE_CHECKING:
-    from aiida.parsers import Parser
-
-__all__ = ('first_non_finite', 'first_non_finite_array', 'scheduler_exit_code')
+__all__ = ('NeverRaisingParser', 'first_non_finite', 'first_non_finite_array', 'scheduler_exit_code')
 
 
 def scheduler_exit_code(parser: Parser) -> ExitCode | None:
@@ -67,3 +65,25 @@ def first_non_finite_array(arrays: t.Mapping[str, np.ndarray]) -> str | None:
         if array.dtype.kind in 'fc' and not np.all(np.isfinite(array)):
             return name
     return None
+
+
+class NeverRaisingParser(Parser):
+    """A parser whose ``parse`` always ends in an exit code: ``_parse`` does the work, any exception it lets out
+    becomes the exit code named :attr:`UNREADABLE` (with the error as its ``detail``), as does
+    :meth:`_unreadable` for truncated output unless the scheduler's code explains it."""
+
+    UNREADABLE: t.ClassVar[str]
+
+    def parse(self, **kwargs: t.Any) -> ExitCode:
+        try:
+            return self._parse()
+        except Exception as exc:  # a parser must end with an exit code, never a traceback
+            self.logger.exception('unexpected error while parsing')
+            return self.exit_codes[self.UNREADABLE].format(detail=f'parser error {type(exc).__name__}: {exc}')
+
+    def _parse(self) -> ExitCode:
+        raise NotImplementedError
+
+    def _unreadable(self, detail: str) -> ExitCode:
+        """The :attr:`UNREADABLE` code, or the scheduler's code when it explains the truncated output."""
+        return scheduler_exit_code(self) or self.exit_codes[self.UNREADABLE].format(detail=detail)

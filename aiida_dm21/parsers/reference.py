@@ -17,9 +17,8 @@ import numpy as np
 from aiida import orm
 from aiida.common.exceptions import NotExistent
 from aiida.engine import ExitCode
-from aiida.parsers import Parser
 
-from aiida_dm21.parsers.common import first_non_finite, first_non_finite_array, scheduler_exit_code
+from aiida_dm21.parsers.common import NeverRaisingParser, first_non_finite, first_non_finite_array, scheduler_exit_code
 from aiida_dm21.reference.integer import ARRAY_NAMES
 from aiida_dm21.runner.reference import ARRAYS_FILE, RESULTS_FILE, unconverged_steps
 
@@ -38,19 +37,10 @@ REQUIRED_SCALARS = (
 )
 
 
-class DM21ReferenceParser(Parser):
+class DM21ReferenceParser(NeverRaisingParser):
     """``results.json`` -> ``output_parameters``, ``arrays.npz`` -> ``output_arrays`` (with spec and scalars)."""
 
-    def parse(self, **kwargs: t.Any) -> ExitCode:
-        try:
-            return self._parse()
-        except Exception as exc:  # a parser must end with an exit code, never a traceback
-            self.logger.exception('unexpected error while parsing')
-            return self.exit_codes.ERROR_UNREADABLE_RESULTS.format(detail=f'parser error {type(exc).__name__}: {exc}')
-
-    def _unreadable(self, detail: str) -> ExitCode:
-        """301, or the scheduler's code when it explains the truncated output."""
-        return scheduler_exit_code(self) or self.exit_codes.ERROR_UNREADABLE_RESULTS.format(detail=detail)
+    UNREADABLE = 'ERROR_UNREADABLE_RESULTS'
 
     def _read_payload(self, names: list[str]) -> dict[str, t.Any] | ExitCode:
         if RESULTS_FILE not in names:

@@ -19,10 +19,9 @@ import numpy as np
 from aiida import orm
 from aiida.common.exceptions import NotExistent
 from aiida.engine import ExitCode
-from aiida.parsers import Parser
 
 from aiida_dm21.data.checkpoint import DM21CheckpointData
-from aiida_dm21.parsers.common import first_non_finite, first_non_finite_array, scheduler_exit_code
+from aiida_dm21.parsers.common import NeverRaisingParser, first_non_finite, first_non_finite_array, scheduler_exit_code
 from aiida_dm21.training.train import ERROR_FILE
 
 __all__ = ('DM21TrainParser',)
@@ -33,18 +32,10 @@ METRICS_FILE = 'metrics.json'
 INTERRUPTED_FILE = 'interrupted.json'
 
 
-class DM21TrainParser(Parser):
+class DM21TrainParser(NeverRaisingParser):
     """``checkpoint.safetensors`` -> ``checkpoint``, ``history.npz`` -> ``loss_curves``, ``metrics.json``."""
 
-    def parse(self, **kwargs: t.Any) -> ExitCode:
-        try:
-            return self._parse()
-        except Exception as exc:  # a parser must end with an exit code, never a traceback
-            self.logger.exception('unexpected error while parsing')
-            return self.exit_codes.ERROR_UNREADABLE_OUTPUT.format(detail=f'parser error {type(exc).__name__}: {exc}')
-
-    def _unreadable(self, detail: str) -> ExitCode:
-        return scheduler_exit_code(self) or self.exit_codes.ERROR_UNREADABLE_OUTPUT.format(detail=detail)
+    UNREADABLE = 'ERROR_UNREADABLE_OUTPUT'
 
     def _json(self, name: str) -> t.Any:
         return json.loads(self.retrieved.base.repository.get_object_content(name, mode='r'))

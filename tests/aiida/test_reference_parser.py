@@ -334,3 +334,13 @@ def test_workchain_keeps_an_unconverged_reference_out(reference_code):
     assert 'dataset' not in results and 'dataset' not in node.outputs
     (calc,) = node.called
     assert calc.exit_status == 400 and 'output_arrays' not in calc.outputs
+
+
+def test_a_bug_in_the_parser_ends_in_301_not_a_traceback(reference_node, monkeypatch):
+    def broken(self):
+        raise RuntimeError('a bug')
+
+    monkeypatch.setattr(DM21ReferenceParser, '_parse', broken)
+    results, calcfunction = parse(reference_node())
+    assert calcfunction.exit_status == 301 and 'parser error RuntimeError: a bug' in calcfunction.exit_message
+    assert_nothing_stored(results)
