@@ -8,6 +8,7 @@ import pytest
 import torch
 from pyscf import dft, gto
 
+from aiida_dm21.functional import kernels
 from aiida_dm21.functional.checkpoint import CheckpointError
 from aiida_dm21.functional.numint import DM21NumInt, UnsupportedSystemError
 from aiida_dm21.functional.scf import DM21RKS, DM21UKS, KS, RKS, ROKS, UKS
@@ -120,9 +121,36 @@ def test_ks_dispatch_and_names(weights_env):
 
 def test_defaults_are_documented_values(dm21_network):
     mf = RKS(_lih(), dm21_network)
-    assert (mf.init_guess, mf.conv_tol, mf.conv_tol_grad, mf.small_rho_cutoff) == ('b3lyp', 1e-6, 1e-3, 1e-20)
+    assert (mf.init_guess, mf.conv_tol, mf.conv_tol_grad, mf.small_rho_cutoff) == ('b3lyp', 1e-6, 1e-3, 1e-7)
     mf.conv_tol = 1e-8  # overridable like any PySCF attribute
     assert mf.conv_tol == 1e-8
+
+
+def test_default_density_pruning_drops_points_not_energy(dm21_network):
+    """PySCF's small_rho_cutoff (1e-7, the default here too) drops grid points, and moves E_DM21 by < 1e-7 Ha."""
+    mol = gto.M(atom='O 0 0 0.1178; H 0 0.7555 -0.4712; H 0 -0.7555 -0.4712', basis='6-31g', verbose=0)
+    pruned, full = RKS(mol, dm21_network), RKS(mol, dm21_network)
+    full.small_rho_cutoff = 1e-20
+    e_pruned, e_full = pruned.kernel(), full.kernel()
+    assert pruned.converged and full.converged
+    assert len(pruned.grids.weights) < 0.95 * len(full.grids.weights)
+    assert abs(e_pruned - e_full) < 1e-7
+
+
+@pytest.mark.parametrize('dtype', [np.float64, np.float32])
+def test_packed_grid_integrals_equal_numpy_indexing(dtype):
+    """kernels.pack_grid_integrals on libcint's own output equals the fancy-indexed lower triangle."""
+    mol = _lih()
+    coords = np.random.default_rng(1).normal(size=(37, 3))
+    full = mol.intor('int1e_grids', grids=coords, hermi=1)  # (g, nao, nao), grid index fastest
+    rows, cols = kernels.pack_index(mol.nao)
+    expected = full[:, rows, cols].astype(dtype)
+    packed = np.empty_like(expected)
+    kernels.pack_grid_integrals(full, packed)
+    assert np.array_equal(packed, expected)
+    packed[...] = 0.0
+    kernels.pack_grid_integrals(np.ascontiguousarray(full), packed)  # another layout: the numpy path
+    assert np.array_equal(packed, expected)
 
 
 def test_bad_input_is_refused_clearly(dm21_network, tmp_path):

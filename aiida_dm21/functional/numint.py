@@ -335,12 +335,13 @@ class DM21NumInt(pyscf_numint.NumInt):
 
         libcint is handed the sub-list of shells directly (their atoms and exponents stay in ``mol._env``), so
         screened-out shells cost nothing.  PySCF returns the grid index fastest; every evaluation contracts
-        over the AO indices, so (omega, g, b, d) is stored contiguous once.
+        over the AO indices, so (omega, g, b, d) is stored contiguous once (:func:`kernels.pack_grid_integrals`),
+        from one scratch buffer that both omegas reuse.
         """
         g = len(coords)
         out = np.empty((len(self.omegas), g, k * (k + 1) // 2), dtype=_numpy_dtype(self.nu_dtype))
         if k:
-            rows, cols = kernels.pack_index(k)
+            scratch = np.empty(g * k * k)
             bas = np.ascontiguousarray(mol._bas[shells])
             env = np.append(mol._env, coords.ravel())
             env[gto.mole.NGRIDS] = g
@@ -348,7 +349,8 @@ class DM21NumInt(pyscf_numint.NumInt):
             intor = mol._add_suffix('int1e_grids')
             for i, omega in enumerate(self.omegas):
                 env[gto.mole.PTR_RANGE_OMEGA] = omega
-                out[i] = gto.moleintor.getints(intor, mol._atm, bas, env, hermi=1)[:, rows, cols]
+                full = gto.moleintor.getints(intor, mol._atm, bas, env, hermi=1, out=scratch)
+                kernels.pack_grid_integrals(full, out[i])
         return torch.from_numpy(out).to(self.device)
 
     def _plan(self, mol, grids, max_memory: float | None) -> _Plan:

@@ -13,7 +13,8 @@ attribute           default     why
 ``init_guess``      ``'b3lyp'`` start from a converged B3LYP (VWN5) density on the same grid
 ``conv_tol``        1e-6        energy change (Ha); the network is float32, 1e-7 is the floor
 ``conv_tol_grad``   1e-3        orbital gradient; tighter is rarely reachable in float32
-``small_rho_cutoff``1e-20       keep every grid point (DM21 was trained on unpruned grids)
+``small_rho_cutoff``1e-7        PySCF's default: drop the points that hold < 1e-7 electrons in all
+                                (17 % of C4H6/6-31G*'s grid; E_DM21 moves by 2e-8 Ha)
 ``grids.level``     3           PySCF's default
 ``grids.radi_method``           Treutler-Ahlrichs with xi = 1 (PySCF <= 2.6 grids, DeepMind's)
 ``open_shell_direction`` None   open-shell atoms (UKS/ROKS) only: ``'lowest'`` starts from the lowest
@@ -121,7 +122,7 @@ class _DM21Mixin:
         self.open_shell_direction = None
         self.conv_tol = 1e-6
         self.conv_tol_grad = 1e-3
-        self.small_rho_cutoff = 1e-20
+        self.small_rho_cutoff = 1e-7  # PySCF's default; DeepMind's records set their own (1e-20)
         self.grids.radi_method = treutler_ahlrichs_original
 
     # PySCF asks libxc about ``xc`` in these; DM21 is neither non-local nor a libxc hybrid.
