@@ -49,6 +49,18 @@ def test_run_prints_the_energy(weights_env):
     assert data['scf'] == 'RKS' and data['converged'] and -1.2 < data['e_tot'] < -1.0
 
 
+def test_run_with_dispersion_and_refuses_an_unknown_one(weights_env):
+    runner = CliRunner()
+    plain = json.loads(runner.invoke(main, ['run', 'h2', '--basis', 'sto-3g', '--json']).stdout)
+    result = runner.invoke(main, ['run', 'h2', '--basis', 'sto-3g', '--disp', 'd3bj', '--json'])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data['dispersion'] == 'd3bj' and data['e_disp'] < 0
+    assert data['e_tot'] - plain['e_tot'] == pytest.approx(data['e_disp'], abs=1e-8)
+    result = runner.invoke(main, ['run', 'h2', '--basis', 'sto-3g', '--disp', 'd3'])
+    assert result.exit_code == 2 and "'d3' is not one of" in result.output
+
+
 def test_run_rejects_bad_molecules(weights_env):
     runner = CliRunner()
     result = runner.invoke(main, ['run', 'Xx 0 0 0', '--basis', 'sto-3g'])

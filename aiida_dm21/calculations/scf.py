@@ -26,6 +26,7 @@ from aiida.common.constants import elements
 from aiida.engine import CalcJob
 
 from aiida_dm21.data.checkpoint import DM21CheckpointData
+from aiida_dm21.functional.dispersion import PARAMETER_SET, VERSIONS  # numpy only: no PySCF or PyTorch
 from aiida_dm21.runner.scf import (
     DENSITY_FILE,
     INIT_GUESSES,
@@ -175,6 +176,13 @@ PARAMETERS: dict[str, Parameter] = {
         1e-5,  # aiida_dm21.functional.numint.DEFAULT_SCREENING (not imported: it would load PyTorch here)
         'local-HF integral screening threshold (Ha, an estimated bound on the E_xc error); 0: dense',
         _at_least(0),  # and finite: Parameter.validate refuses NaN and inf for every float
+    ),
+    'dispersion': Parameter(
+        (str,),
+        'none',
+        f"empirical dispersion added to the energy: {', '.join(VERSIONS)} (with {PARAMETER_SET.upper()}'s "
+        "parameters, DM21's convention) or 'none'",
+        _one_of(('none', *VERSIONS)),
     ),
     'newton': Parameter(
         (bool,),

@@ -15,6 +15,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from ..functional.dispersion import VERSIONS as DISPERSION_VERSIONS  # numpy only
+
 console = Console(stderr=True)
 
 #: PySCF's integration grid levels.
@@ -197,6 +199,13 @@ def check_molecule(mol, basis: str):
 @click.option(
     '--device', default='cpu', show_default=True, help='cpu, cuda or cuda:N (refused where there is no such GPU).'
 )
+@click.option(
+    '--disp',
+    default='none',
+    show_default=True,
+    type=click.Choice(['none', *DISPERSION_VERSIONS]),
+    help="Empirical dispersion with B3LYP's parameters (DM21's convention).",
+)
 @click.option('--json', 'as_json', is_flag=True, help='Print the results as JSON.')
 def run_scf(
     molecule: str,
@@ -206,6 +215,7 @@ def run_scf(
     spin: int | None,
     grid_level: int,
     device: str,
+    disp: str,
     as_json: bool,
 ):
     """Run a DM21 SCF in this process (no AiiDA) on MOLECULE: a name (water, h2, h, ch3, ne), an xyz file
@@ -216,7 +226,7 @@ def run_scf(
 
     mol = _build_molecule(molecule, basis, charge, spin)
     try:
-        mf = KS(mol, functional, device=device)
+        mf = KS(mol, functional, device=device, disp=disp)
     except (CheckpointError, UnsupportedSystemError, DeviceUnavailableError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     mf.grids.level = grid_level
@@ -240,6 +250,8 @@ def run_scf(
         'ngrid': len(mf.grids.weights),
         'wall_s': round(time.perf_counter() - start, 2),
         'device': device,
+        'dispersion': disp,
+        'e_disp': float(mf.get_dispersion()),
     }
     if as_json:
         click.echo(json.dumps(result, indent=2))

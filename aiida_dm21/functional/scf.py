@@ -37,7 +37,7 @@ from pyscf.dft import roks as pyscf_roks
 from pyscf.dft import uks as pyscf_uks
 from pyscf.lib import logger
 
-from . import molecule
+from . import dispersion, molecule
 from .checkpoint import CheckpointError, check_finite, load_network
 from .model import DM21Network
 from .numint import DM21NumInt, UnsupportedSystemError, check_supported_molecule
@@ -99,10 +99,11 @@ def b3lyp_guess(mf) -> np.ndarray:
 class _DM21Mixin:
     """What the DM21 SCF classes add to PySCF's KS classes."""
 
-    _keys: ClassVar[set[str]] = {'functional', 'network', 'checkpoint_metadata', 'open_shell_direction'}
+    _keys: ClassVar[set[str]] = {'functional', 'network', 'checkpoint_metadata', 'open_shell_direction', 'disp'}
 
-    def _setup_dm21(self, functional: FunctionalSpec, network_dtype, **numint_options) -> None:
+    def _setup_dm21(self, functional: FunctionalSpec, network_dtype, disp: str | None = None, **numint_options) -> None:
         check_supported_molecule(self.mol)
+        disp = dispersion.check_disp(disp)
         if isinstance(functional, DM21Network):
             network, metadata = functional, {'name': 'in-memory network'}
             check_finite(dict(network.state_dict()), 'the network')
@@ -124,6 +125,30 @@ class _DM21Mixin:
         self.conv_tol_grad = 1e-3
         self.small_rho_cutoff = 1e-7  # PySCF's default; DeepMind's records set their own (1e-20)
         self.grids.radi_method = treutler_ahlrichs_original
+        self.disp = disp
+
+    # Dispersion (``disp``: :data:`.dispersion.VERSIONS`, B3LYP's parameters) is added here, not by PySCF: its
+    # own machinery (PySCF >= 2.5) would look the parameters up under the name in ``xc`` ('DM21'), which the
+    # dispersion libraries do not know, and PySCF 2.3/2.4 have none.
+    def energy_tot(self, dm=None, h1e=None, vhf=None):
+        e_tot = super().energy_tot(dm, h1e, vhf)
+        if dispersion.check_disp(self.disp) is None:
+            return e_tot
+        e_disp = self.get_dispersion()
+        self.scf_summary['dispersion'] = e_disp
+        return e_tot + e_disp
+
+    def get_dispersion(self, disp=None, with_3body=None, verbose=None) -> float:
+        """E_disp (Ha) of ``disp`` (default :attr:`disp`) at the current geometry; 0 without dispersion."""
+        version = dispersion.check_disp(self.disp if disp is None else disp)
+        if version is None:
+            return 0.0
+        key = (version, self.mol.atom_coords().tobytes(), self.mol.atom_charges().tobytes())
+        cached = getattr(self, '_disp_cache', None)
+        if cached is None or cached[0] != key:
+            cached = (key, dispersion.dispersion(self.mol, version)[0])
+            self._disp_cache = cached
+        return cached[1]
 
     # PySCF asks libxc about ``xc`` in these; DM21 is neither non-local nor a libxc hybrid.
     def do_nlc(self):
@@ -139,6 +164,8 @@ class _DM21Mixin:
         log = logger.new_logger(self, verbose)
         log.info('DM21 functional = %s (%s)', self.functional, self.checkpoint_metadata.get('source', '?'))
         log.info('small_rho_cutoff = %g', self.small_rho_cutoff)
+        if dispersion.check_disp(self.disp):
+            log.info('dispersion = %s (%s parameters)', self.disp, dispersion.PARAMETER_SET)
         self.grids.dump_flags(verbose)
         return self
 

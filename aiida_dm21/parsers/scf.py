@@ -28,6 +28,8 @@ COPIED_KEYS: tuple[str, ...] = (
     'nao',
     'nelec',
     'functional',
+    'dispersion',
+    'e_disp',
     'mo_energy',
     'mo_occ',
     'homo',

@@ -27,6 +27,7 @@ key                    meaning
 ``max_memory_mb``      optional: PySCF ``max_memory`` (bounds the integral cache)
 ``device``             optional: ``cpu`` (default), ``cuda`` or ``cuda:N``; refused here if absent
 ``screening``          optional: local-HF screening threshold (Ha), 0 for dense
+``dispersion``         optional: ``none`` (default) or a D3/D4 name of ``functional.dispersion.VERSIONS``
 =====================  =====================================================================
 
 It writes ``results.json`` (always, also after errors) and ``density_matrix.npy`` (whenever an SCF
@@ -233,6 +234,8 @@ def make_scf(mol, data: dict[str, Any], checkpoint: Path):
     if scf_type == 'auto':
         scf_type = 'RKS' if mol.spin == 0 else 'UKS'
     options = {key: data[key] for key in ('device', 'screening') if data.get(key) is not None}
+    if data.get('dispersion') not in (None, 'none'):
+        options['disp'] = data['dispersion']
     try:
         mf = getattr(scf, scf_type)(mol, network, **options)
     except ValueError as exc:  # includes UnsupportedSystemError (periodic, ECP, no electrons) and RKS + open shell
@@ -364,6 +367,8 @@ def scf_results(mf, scf_type: str) -> dict[str, Any]:
         'e_tot_is_finite': _finite(mf.e_tot) is not None,
         'converged': bool(mf.converged),
         'cycles': int(getattr(mf, 'cycles', -1)),
+        'dispersion': getattr(mf, 'disp', None) or 'none',
+        'e_disp': _finite(mf.scf_summary.get('dispersion', 0.0)),
         'mo_energy': [e.tolist() for e, _ in channels],
         'mo_occ': [o.tolist() for _, o in channels],
         **frontier(channels),

@@ -103,6 +103,25 @@ def test_h2_end_to_end_matches_core(inputs, dm21_checkpoint_file):
     assert results['output_parameters']['e_tot'] == parameters['e_tot']
 
 
+def test_dispersion_reaches_the_output_and_is_the_libraries(inputs):
+    """dispersion d3bj: e_tot carries E_D3(BJ) with B3LYP's parameters, reported as e_disp (simple-dftd3's own API)."""
+    interface = pytest.importorskip('dftd3.interface')
+    from pyscf import gto
+
+    plain, _ = run_get_node(DM21ScfCalculation, **inputs(H2O))
+    results, node = run_get_node(DM21ScfCalculation, **inputs(H2O, dispersion='d3bj'))
+    assert node.is_finished_ok, (node.exit_status, node.exit_message)
+    parameters = results['output_parameters'].get_dict()
+    mol = gto.M(atom=[(s, p) for s, p in H2O], unit='Angstrom', verbose=0)
+    model = interface.DispersionModel(mol.atom_charges(), mol.atom_coords())
+    e_d3 = float(model.get_dispersion(interface.RationalDampingParam(method='b3lyp'), grad=False)['energy'])
+    assert parameters['dispersion'] == 'd3bj'
+    assert parameters['e_disp'] == pytest.approx(e_d3, abs=1e-12)
+    assert parameters['e_tot'] - plain['output_parameters']['e_tot'] == pytest.approx(e_d3, abs=1e-8)
+    assert plain['output_parameters']['dispersion'] == 'none'
+    assert plain['output_parameters']['e_disp'] == 0.0
+
+
 def test_unconverged_then_restart(inputs):
     """max_cycle 2 from a crude guess: exit 400 with a density; restarting from it converges."""
     first_inputs = inputs(H2O, max_cycle=2, init_guess='minao')
@@ -215,6 +234,9 @@ def test_alloy_refused(inputs, count_nodes):
         (H2, {'screening': float('inf')}, '`screening` must be a finite number'),
         (H2, {'screening': float('nan')}, '`screening` must be a finite number'),
         (H2, {'screening': 'tight'}, '`screening` must be float or int'),
+        (H2, {'dispersion': 'd3'}, "'d3' is not one of 'none', 'd3bj'"),
+        (H2, {'dispersion': 'b3lyp-d3bj'}, "'b3lyp-d3bj' is not one of"),
+        (H2, {'dispersion': True}, '`dispersion` must be str'),
     ],
 )
 def test_bad_parameters_refused(inputs, count_nodes, atoms, parameters, match):
@@ -247,6 +269,7 @@ def test_validate_parameters_direct():
     assert validate_parameters({'basis': 'sto-3g', 'device': 'cuda:1', 'screening': 0}) is None
     assert validate_parameters({'basis': 'sto-3g', 'conv_tol': 1e-8, 'newton': True, 'level_shift': 0.2}) is None
     assert validate_parameters({'basis': 'sto-3g', 'open_shell_direction': 'lowest'}) is None
+    assert validate_parameters({'basis': 'sto-3g', 'dispersion': 'd3bj'}) is None
     assert validate_parameters({'basis': 'sto-3g', 'open_shell_direction': [0, 0.5, 1]}) is None
     message = validate_parameters({'basis': 'sto-3g', 'a': 1, 'b': 2})
     assert "'a', 'b'" in message
