@@ -80,6 +80,7 @@ ERROR_CATEGORIES: dict[str, str] = {
     'checkpoint_unreadable': 'the checkpoint file is missing, corrupt or not a DM21 checkpoint',
     'walltime': 'the run stopped before the walltime ran out (signal or deadline); the last density is saved',
     'scf_error': 'the SCF raised an exception',
+    'relax_failed': 'the geometry optimiser stopped with an error (e.g. an SCF that did not converge at a geometry)',
     'internal_error': 'an unexpected error in the runner',
 }
 
@@ -146,6 +147,17 @@ def read_input(path: Path) -> dict[str, Any]:
         problem = _numeric_problem(data.get(key), kind, low, high, strict)
         if problem:
             raise RunnerError('unsupported_input', f'`{key}` {problem}, got {data[key]!r}')
+    relax = data.get('relax')
+    if relax is not None:
+        from aiida_dm21.runner.relax import RELAX_DEFAULTS
+
+        if not isinstance(relax, dict) or set(relax) - set(RELAX_DEFAULTS):
+            raise RunnerError('unsupported_input', f'`relax` must be a mapping of {", ".join(RELAX_DEFAULTS)}')
+        for key, value in relax.items():
+            kind = int if key == 'max_steps' else float
+            problem = _numeric_problem(value, kind, 0.0 if kind is float else 1, None, kind is float)
+            if problem:
+                raise RunnerError('unsupported_input', f'`relax.{key}` {problem}, got {value!r}')
     return data
 
 
@@ -484,9 +496,19 @@ def run(input_file: str | Path = 'input.json', workdir: str | Path | None = None
         timings['setup'] = time.monotonic() - start
         t_scf = time.monotonic()
         progress.start()
+        relax = data.get('relax')
         try:
-            mf.kernel(dm0=dm0)
-        except WalltimeExceeded:
+            if relax is None:
+                mf.kernel(dm0=dm0)
+            else:
+                from aiida_dm21.runner.relax import RELAX_FILE, optimise
+
+                results['relax'] = {'converged': False, 'file': RELAX_FILE}
+                try:
+                    mf, results['relax']['converged'] = optimise(mf, relax, workdir, dm0)
+                except (RuntimeError, ValueError, np.linalg.LinAlgError, ArithmeticError) as exc:
+                    raise RunnerError('relax_failed', f'{type(exc).__name__}: {exc}') from exc
+        except (WalltimeExceeded, RunnerError):
             raise
         except (ValueError, np.linalg.LinAlgError, RuntimeError, MemoryError, ArithmeticError) as exc:
             raise RunnerError('scf_error', f'{type(exc).__name__}: {exc}') from exc
@@ -497,7 +519,8 @@ def run(input_file: str | Path = 'input.json', workdir: str | Path | None = None
             results['cycles'] = progress.cycle
         results['e_tot_ev'] = results['e_tot'] * AU2EV if results['e_tot'] is not None else None
         results['density_file'] = save_density(workdir, mf.make_rdm1())
-        status = EXIT_CONVERGED if results['converged'] else EXIT_NOT_CONVERGED
+        relaxed = results.get('relax', {}).get('converged', True)
+        status = EXIT_CONVERGED if results['converged'] and relaxed else EXIT_NOT_CONVERGED
     except WalltimeExceeded as exc:
         results['error'] = {'category': 'walltime', 'message': str(exc), 'type': 'WalltimeExceeded'}
         if progress is not None:
@@ -508,7 +531,7 @@ def run(input_file: str | Path = 'input.json', workdir: str | Path | None = None
     except RunnerError as exc:
         results['error'] = {'category': exc.category, 'message': exc.message, 'type': 'RunnerError'}
         status = EXIT_BAD_INPUT if exc.category in ('unsupported_input', 'checkpoint_unreadable') else EXIT_FAILED
-        if exc.category == 'scf_error' and progress is not None and progress.dm is not None:
+        if exc.category in ('scf_error', 'relax_failed') and progress is not None and progress.dm is not None:
             results['density_file'] = save_density(workdir, progress.dm)
             results['cycles'] = progress.cycle
     except Exception as exc:  # every failure ends in results.json

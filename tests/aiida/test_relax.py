@@ -1,0 +1,117 @@
+"""``dm21.relax``: input refusals, the parser on hand-made relax.json files, and a real relaxation of water."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip('aiida.engine')
+
+from aiida import orm
+from aiida.plugins import CalculationFactory, ParserFactory, WorkflowFactory
+
+from aiida_dm21.calculations.relax import DM21RelaxCalculation, validate_relax_parameters
+from aiida_dm21.parsers.relax import DM21RelaxParser
+from aiida_dm21.workflows.relax import DM21RelaxWorkChain
+
+pytestmark = pytest.mark.aiida
+
+H2_STEPS = [[[0.0, 0.0, 0.0], [0.0, 0.0, 0.80]], [[0.0, 0.0, 0.0], [0.0, 0.0, 0.76]]]
+
+
+def test_entry_points():
+    assert CalculationFactory('dm21.relax') is DM21RelaxCalculation
+    assert WorkflowFactory('dm21.relax') is DM21RelaxWorkChain
+    assert ParserFactory('dm21.relax') is DM21RelaxParser
+    assert DM21RelaxCalculation.spec().inputs['metadata']['options']['parser_name'].default == 'dm21.relax'
+
+
+@pytest.mark.parametrize(
+    ('settings', 'match'),
+    [
+        ({'steps': 10}, "unknown relax_parameters 'steps'"),
+        ({'max_steps': 0}, 'integer >= 1'),
+        ({'max_steps': 2.5}, 'integer >= 1'),
+        ({'max_steps': True}, 'integer >= 1'),
+        ({'convergence_gmax': -1e-4}, 'finite number > 0'),
+        ({'convergence_gmax': 0}, 'finite number > 0'),
+        ({'convergence_energy': float('nan')}, 'finite number > 0'),
+        ({'convergence_drms': 'tight'}, 'finite number > 0'),
+    ],
+)
+def test_bad_relax_parameters_are_refused(settings, match):
+    assert match in validate_relax_parameters(orm.Dict(settings))
+
+
+def test_good_relax_parameters_pass():
+    assert validate_relax_parameters(orm.Dict({'max_steps': 5, 'convergence_gmax': 1e-4})) is None
+
+
+def _relax_json(**overrides) -> bytes:
+    data = {
+        'symbols': ['H', 'H'],
+        'positions': H2_STEPS,
+        'energies': [-1.10, -1.12],
+        'max_force': [0.02, 0.001],
+        'steps': 2,
+        'converged': True,
+        'final_positions': H2_STEPS[-1],
+    }
+    data.update(overrides)
+    return json.dumps(data).encode()
+
+
+def _parse(node):
+    return DM21RelaxParser.parse_from_node(node, store_provenance=False)
+
+
+def test_parser_attaches_structure_and_trajectory(retrieved_calc_node):
+    node = retrieved_calc_node('converged', extra_files={'relax.json': _relax_json()}, plugin='dm21.relax')
+    results, calcfunction = _parse(node)
+    assert calcfunction.is_finished_ok, calcfunction.exit_message
+    structure = results['output_structure']
+    assert np.allclose([site.position for site in structure.sites], H2_STEPS[-1])
+    assert structure.pbc == (False, False, False)
+    trajectory = results['output_trajectory']
+    assert trajectory.numsteps == 2
+    assert np.allclose(trajectory.get_array('energies'), [-1.10, -1.12])
+
+
+def test_parser_not_converged_is_500_and_keeps_the_last_structure(retrieved_calc_node):
+    content = _relax_json(converged=False, final_positions=None)
+    results, calcfunction = _parse(
+        retrieved_calc_node('converged', extra_files={'relax.json': content}, plugin='dm21.relax')
+    )
+    assert calcfunction.exit_status == 500 and '2 steps' in calcfunction.exit_message
+    assert np.allclose([site.position for site in results['output_structure'].sites], H2_STEPS[-1])
+
+
+def test_parser_never_stores_nan_from_the_trajectory(retrieved_calc_node):
+    content = _relax_json(energies=[None, -1.12])  # the runner writes None for a non-finite energy
+    results, calcfunction = _parse(
+        retrieved_calc_node('converged', extra_files={'relax.json': content}, plugin='dm21.relax')
+    )
+    assert calcfunction.is_finished_ok
+    assert 'energies' not in results['output_trajectory'].get_arraynames()
+
+
+@pytest.mark.parametrize(
+    ('content', 'match'),
+    [
+        (b'{not json', 'relax.json is not JSON'),
+        (_relax_json(positions=[[[0.0, 0.0]]]), 'not 2 3-vectors per step'),
+        (
+            _relax_json(positions=[[[0.0, 0.0, float('nan')], [0.0, 0.0, 0.7]]], energies=[1.0], max_force=[0.0]),
+            'non-finite positions',
+        ),
+        (_relax_json(energies=[-1.0]), 'energies does not have one entry per step'),
+        (_relax_json(symbols='HH'), 'no list of element symbols'),
+    ],
+)
+def test_parser_refuses_a_bad_relax_json(retrieved_calc_node, content, match):
+    node = retrieved_calc_node('converged', extra_files={'relax.json': content}, plugin='dm21.relax')
+    results, calcfunction = _parse(node)
+    assert calcfunction.exit_status == 301 and match in calcfunction.exit_message
+    assert 'output_structure' not in results
