@@ -246,7 +246,7 @@ def test_nan_loss_ends_in_a_categorised_error(tmp_path, hydrogen_systems, retrie
 
     def blowing_up(network, ps, *args, **kwargs):
         energy, *rest = real(network, ps, *args, **kwargs)
-        return (energy * NAN if ps.system.label == 'H' else energy, *rest)
+        return (energy * NAN if ps.label == 'H' else energy, *rest)
 
     monkeypatch.setattr(training, 'system_energy', blowing_up)
     status, folder = _train_folder(tmp_path / 'job', hydrogen_systems)
