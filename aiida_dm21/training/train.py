@@ -317,9 +317,9 @@ def train(
                     raise NonFiniteLossError(cs.label, epoch, float(loss.detach()))
                 weight = config.kind_weights.get(cs.kind, 1.0) / len(batch)
                 (loss * weight if weight != 1.0 else loss).backward()
-                sums['loss'] += float(loss)
-                sums['energy_loss'] += float(energy_loss)
-                sums['regulariser'] += float(regulariser)
+                sums['loss'] += float(loss.detach())
+                sums['energy_loss'] += float(energy_loss.detach())
+                sums['regulariser'] += float(regulariser.detach())
                 del cs, energy, v_xc, loss
             clip = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
             norm = torch.nn.utils.clip_grad_norm_(network.parameters(), clip)

@@ -134,6 +134,12 @@ def test_real_training_is_parsed(train_node):
     assert metrics['n_train_systems'] == 2
     assert np.all(np.isfinite(results['loss_curves'].get_array('loss')))
     assert results['checkpoint'].base.attributes.get('source') == 'trained'
+    # the checkpoint records the grid it was trained on (an SCF on another grid warns)
+    content = results['checkpoint'].get_content(mode='rb')
+    header = json.loads(content[8 : 8 + int.from_bytes(content[:8], 'little')])
+    grid = json.loads(header['__metadata__']['aiida_dm21'])['training']['grid']
+    assert grid == {'level': 0, 'radi_method': 'treutler_ahlrichs_original', 'prune': 'nwchem_prune'}
+    assert metrics['grid'] == grid
     assert cache_valid_after(node, 0)
 
 
