@@ -20,6 +20,12 @@ memory holds one system at a time.  Then the gradient is clipped to ``max_grad_n
 learning rate set by :func:`~.config.learning_rate_at`, and Adam steps.  With a ``validation_fraction`` a
 seeded share of the systems is held back; after every epoch its loss decides the best weights (those are
 returned) and, with ``patience``, early stopping.
+
+Data parallel: when :mod:`torch.distributed` is initialised (``torchrun``, or ``init_process_group`` with
+gloo on CPUs / NCCL on GPUs) every process takes every ``world_size``-th system of each mini-batch, the
+gradients are summed over the processes (all-reduce) before clipping and the step, and every process
+steps the same weights; process 0 prepares the data (the others wait for it) and writes the state.  The
+loss curve is the single process's to rounding (``tests/test_distributed.py``).
 """
 
 from __future__ import annotations
@@ -151,6 +157,22 @@ def split_validation(n: int, config: TrainConfig) -> tuple[list[int], list[int]]
     return sorted(int(i) for i in order[n_val:]), sorted(int(i) for i in order[:n_val])
 
 
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless torch.distributed is initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_sum(values: list[float], world: int) -> list[float]:
+    """``values`` summed over the processes (unchanged in a single process)."""
+    if world == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
 def _state_paths(state_dir: Path) -> tuple[Path, Path]:
     return state_dir / 'state.safetensors', state_dir / 'state.json'
 
@@ -237,9 +259,15 @@ def train(
         f'preparing {len(train_idx)} training, {len(val_idx)} validation and {len(heldout)} held-out systems '
         f'(grid level {config.grid_level})'
     )
-    data = prepare_dataset(
-        [*systems, *heldout], prepared_dir, config.grid_level, network.config.omegas, want_reg, progress=say
-    )
+    rank, world = _distributed()
+    if rank == 0:
+        data = prepare_dataset(
+            [*systems, *heldout], prepared_dir, config.grid_level, network.config.omegas, want_reg, progress=say
+        )
+    if world > 1:
+        torch.distributed.barrier()  # process 0 has prepared (or found) every system
+        if rank > 0:
+            data = PreparedData(prepared_dir)
     heldout_idx = list(range(len(systems), len(systems) + len(heldout)))
     n_points = sum(data.n_points(i) for i in train_idx)
     say(f'{n_points} grid points in the training set, ready in {time.perf_counter() - start:.1f} s')
@@ -279,6 +307,8 @@ def train(
         best_weights = {k: v.detach().clone() for k, v in network.state_dict().items()}
 
     def save() -> None:
+        if rank > 0:
+            return
         payload = {**progress_state, 'history': history, 'metrics': metrics}
         _save_state(state_dir, network, optimizer, rng, payload, best_weights)
 
@@ -291,11 +321,12 @@ def train(
         out_of_time = walltime_seconds is not None and (
             time.perf_counter() - start + 1.5 * slowest > 0.9 * walltime_seconds
         )
-        if (
+        stop_job = (
             state_dir is not None
             and done_here > 0
             and (out_of_time or (config.epochs_per_job > 0 and done_here >= config.epochs_per_job))
-        ):
+        )
+        if _all_sum([float(stop_job)], world)[0] > 0:  # every process stops when one runs out of time
             save()
             say(f'stopping after epoch {epoch} to stay within the job (state saved in {state_dir})')
             interrupted = True
@@ -307,20 +338,31 @@ def train(
         for first in range(0, len(order), config.batch_size):
             batch = order[first : first + config.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            for index in batch:
+            bad = None
+            for index in batch[rank::world]:
                 cs = data.load(index, device, want_reg)
                 energy, v_xc = system_energy(network, cs, with_potential=want_reg)
                 energy_loss = (energy - cs.target) ** 2
                 regulariser = self_consistency_delta(cs, v_xc, config.eta) ** 2 if want_reg else energy.new_zeros(())
                 loss = energy_loss + config.regulariser_weight * regulariser
                 if not torch.isfinite(loss):
-                    raise NonFiniteLossError(cs.label, epoch, float(loss.detach()))
+                    bad = NonFiniteLossError(cs.label, epoch, float(loss.detach()))
+                    break
                 weight = config.kind_weights.get(cs.kind, 1.0) / len(batch)
                 (loss * weight if weight != 1.0 else loss).backward()
                 sums['loss'] += float(loss.detach())
                 sums['energy_loss'] += float(energy_loss.detach())
                 sums['regulariser'] += float(regulariser.detach())
                 del cs, energy, v_xc, loss
+            if world > 1:  # sum the gradients (and agree on a non-finite loss) over the processes
+                if _all_sum([float(bad is not None)], world)[0] > 0:
+                    raise bad or NonFiniteLossError('a system of another process', epoch, float('nan'))
+                for param in network.parameters():
+                    if param.grad is None:
+                        param.grad = torch.zeros_like(param)
+                    torch.distributed.all_reduce(param.grad)
+            elif bad is not None:
+                raise bad
             clip = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
             norm = torch.nn.utils.clip_grad_norm_(network.parameters(), clip)
             sums['grad_norm'] += float(norm)
@@ -330,7 +372,9 @@ def train(
             optimizer.step()
             progress_state['global_step'] += 1
         history['epoch'].append(epoch + 1)
-        for key in ('loss', 'energy_loss', 'regulariser'):
+        keys = ('loss', 'energy_loss', 'regulariser')
+        sums.update(zip(keys, _all_sum([sums[k] for k in keys], world), strict=True))
+        for key in keys:
             history[key].append(sums[key] / len(train_idx))
         history['grad_norm'].append(sums['grad_norm'] / steps_per_epoch)
         history['learning_rate'].append(lr)
