@@ -241,6 +241,8 @@ def train(
         raise ValueError('no training systems')
     config.check()
     if prepared_dir is None:
+        if _distributed()[1] > 1:
+            raise ValueError('data-parallel training needs a prepared_dir that every process can read')
         with tempfile.TemporaryDirectory(prefix='dm21-prepared-') as tmp:
             return train(systems, config, initial, heldout, state_dir, progress, walltime_seconds, tmp)
     train_idx, val_idx = split_validation(len(systems), config)
