@@ -4,7 +4,9 @@ Runs ``python -m aiida_dm21.training.train config.json`` (no AiiDA there).  Ever
 input (namespace ``datasets``; ``heldout`` for evaluation only), so the trained checkpoint's lineage
 reaches the integer reference calculations.  The run saves a resumable ``state/`` every
 ``save_every`` epochs; a restart passes the previous ``remote_folder`` as ``parent_folder`` and the
-training continues from the last saved epoch.
+training continues from the last saved epoch.  The prepared per-point data (:mod:`aiida_dm21.training.prepared`)
+is computed once into ``prepared/`` of the working folder, and a restart links the parent's ``prepared/``
+instead of recomputing it; ``prepared_folder`` names a folder on the computer shared by several trainings.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from aiida.engine import CalcJob
 from aiida_dm21.data.checkpoint import DM21CheckpointData
 from aiida_dm21.data.dataset import DM21DatasetData
 from aiida_dm21.runner.common import INPUT_FORMAT_VERSION
-from aiida_dm21.training.train import ERROR_FILE, TrainConfig
+from aiida_dm21.training.config import ERROR_FILE, TrainConfig  # no PyTorch: validation stays light
 
 __all__ = ('DM21TrainCalculation',)
 
@@ -27,6 +29,7 @@ CONFIG_FILE = 'config.json'
 CHECKPOINT_FILE = 'checkpoint.safetensors'
 INITIAL_FILE = 'initial.safetensors'
 STATE_FOLDER = 'state'
+PREPARED_FOLDER = 'prepared'
 
 
 def validate_parameters(value: orm.Dict, _: t.Any = None) -> str | None:
@@ -34,6 +37,12 @@ def validate_parameters(value: orm.Dict, _: t.Any = None) -> str | None:
         TrainConfig.from_dict(value.get_dict())
     except (TypeError, ValueError) as exc:
         return str(exc)
+    return None
+
+
+def validate_prepared_folder(value: orm.Str, _: t.Any = None) -> str | None:
+    if not value.value.startswith('/'):
+        return f'prepared_folder must be an absolute path on the computer, got {value.value!r}'
     return None
 
 
@@ -76,6 +85,14 @@ class DM21TrainCalculation(CalcJob):
             valid_type=DM21CheckpointData,
             required=False,
             help='Start from these weights (fine-tuning); random initialisation otherwise.',
+        )
+        spec.input(
+            'prepared_folder',
+            valid_type=orm.Str,
+            required=False,
+            validator=validate_prepared_folder,
+            help='Absolute path on the computer for the prepared training data, shared by trainings (systems '
+            'already prepared there on the same grid are reused); default: prepared/ in the working folder.',
         )
         spec.input(
             'parent_folder',
@@ -144,12 +161,17 @@ class DM21TrainCalculation(CalcJob):
             node = self.inputs.initial_checkpoint
             local_copy.append((node.uuid, node.filename, INITIAL_FILE))
             config['initial_checkpoint'] = INITIAL_FILE
+        if 'prepared_folder' in self.inputs:
+            config['prepared_folder'] = self.inputs.prepared_folder.value
         with folder.open(CONFIG_FILE, 'w') as handle:
             json.dump(config, handle, indent=2)
-        remote_copy = []
+        remote_copy, remote_symlink = [], []
         if 'parent_folder' in self.inputs:
             parent = self.inputs.parent_folder
             remote_copy.append((parent.computer.uuid, f'{parent.get_remote_path()}/{STATE_FOLDER}', STATE_FOLDER))
+            if 'prepared_folder' not in self.inputs:  # the parent's prepared data, reused (not copied)
+                source = f'{parent.get_remote_path()}/{PREPARED_FOLDER}'
+                remote_symlink.append((parent.computer.uuid, source, PREPARED_FOLDER))
         codeinfo = datastructures.CodeInfo()
         codeinfo.code_uuid = self.inputs.code.uuid
         codeinfo.cmdline_params = ['-m', 'aiida_dm21.training.train', CONFIG_FILE]
@@ -158,6 +180,7 @@ class DM21TrainCalculation(CalcJob):
         calcinfo.codes_info = [codeinfo]
         calcinfo.local_copy_list = local_copy
         calcinfo.remote_copy_list = remote_copy
+        calcinfo.remote_symlink_list = remote_symlink
         calcinfo.retrieve_list = [
             CHECKPOINT_FILE,
             'history.npz',

@@ -211,7 +211,9 @@ def demo(profile: str | None, source: str | None, epochs: int) -> None:
     builder = PipelineWorkChain.get_builder()
     builder.code = code
     builder.initial_checkpoint = initial
-    builder.training = orm.Dict({'epochs': epochs, 'learning_rate': 1e-4, 'grid_level': 1, 'name': 'demo'})
+    # one grid for training and SCF (the pipeline trains on the SCF's level): level 1 keeps the demo short
+    builder.training = orm.Dict({'epochs': epochs, 'learning_rate': 1e-4, 'name': 'demo'})
+    builder.scf_parameters = orm.Dict({'grid_level': 1})
     console.log(f'running dm21.pipeline (profile {orm.User.collection.get_default().email}): reports follow')
     with enable_caching(identifier='aiida.calculations:dm21.reference'):
         results, node = engine.run_get_node(builder)

@@ -205,10 +205,36 @@ class _DM21Mixin:
     def _grids_ready(self, mol, dm):
         # PySCF's initialize_grids asks libxc about ``xc``; build the grid ourselves instead.
         if self.grids.coords is None:
+            self._check_training_grid()
             self.grids.build(with_non0tab=True)
             if self.small_rho_cutoff > 1e-20:
                 dm_total = dm[0] + dm[1] if np.ndim(dm) == 3 else dm
                 self.grids = dft.rks.prune_small_rho_grids_(self, mol, dm_total, self.grids)
+
+    def _check_training_grid(self) -> None:
+        """Warn when this SCF's grid is not the one the checkpoint was trained on (its ``training.grid`` metadata).
+
+        A network fitted on one grid makes errors of the size of the fit on another (LiH/6-31G, DM21m: E_xc differs
+        by 1.8 mHa between levels 1 and 3).
+        """
+        training = self.checkpoint_metadata.get('training')
+        grid = training.get('grid') if isinstance(training, dict) else None
+        if not isinstance(grid, dict) or 'level' not in grid:
+            return
+        radi = getattr(self.grids.radi_method, '__name__', str(self.grids.radi_method))
+        differences = []
+        if grid['level'] != self.grids.level:
+            differences.append(f'level {self.grids.level} (trained on level {grid["level"]})')
+        if grid.get('radi_method') not in (None, radi):
+            differences.append(f'radial method {radi} (trained on {grid["radi_method"]})')
+        if differences:
+            logger.warn(
+                self,
+                'DM21 functional %s was trained on another grid than this SCF uses: %s; the energies carry the '
+                'difference (set mf.grids.level to match the training)',
+                self.functional,
+                ', '.join(differences),
+            )
 
     def gen_response(self, mo_coeff=None, mo_occ=None, singlet=None, hermi=0, max_memory=None, with_nlc=True):
         """Coulomb-only orbital response, for ``mf.newton()``.

@@ -22,7 +22,7 @@ from aiida.engine import ExitCode
 
 from aiida_dm21.data.checkpoint import DM21CheckpointData
 from aiida_dm21.parsers.common import NeverRaisingParser, first_non_finite, first_non_finite_array, scheduler_exit_code
-from aiida_dm21.training.train import ERROR_FILE
+from aiida_dm21.training.config import ERROR_FILE
 
 __all__ = ('DM21TrainParser',)
 

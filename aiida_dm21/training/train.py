@@ -1,16 +1,31 @@
-"""The training loop (no AiiDA): Adam on (E_xc − target)² + λ ΔE², deterministic with a seed, resumable.
+"""The training loop (no AiiDA): mini-batch Adam on (E_xc − target)² + λ ΔE², deterministic with a seed, resumable.
 
     python -m aiida_dm21.training.train config.json      # what the dm21.train CalcJob runs
 
 ``config.json`` holds ``format_version`` (must be :data:`~aiida_dm21.runner.common.INPUT_FORMAT_VERSION`),
-the dataset files, the initial checkpoint (optional) and the hyper-parameters; the run writes
+the dataset files, the initial checkpoint (optional), the hyper-parameters (:class:`~.config.TrainConfig`)
+and optionally ``prepared_folder`` (prepared data, :mod:`.prepared`; default ``prepared/`` in the working
+folder, computed there once and reused by every later epoch and resumed job); the run writes
 ``checkpoint.safetensors``, ``history.npz`` and, last, ``metrics.json`` (with the package ``versions``)
-and, every ``save_every`` epochs, a resumable ``state/`` (weights, Adam moments, epoch, RNG state, history).
-Stopped early for the walltime it writes ``interrupted.json`` instead.  Any failure ends in ``error.json``:
-``{"format_version", "versions", "error": {"category", "message", "type"}}`` with a category of
-:data:`ERROR_CATEGORIES` (a NaN loss is ``non_finite_loss``), never in a bare traceback.
+and, every ``save_every`` epochs, a resumable ``state/`` (weights, Adam moments, epoch, step, RNG state,
+best validation weights, history).  Stopped early for the walltime it writes ``interrupted.json`` instead.
+Any failure ends in ``error.json``: ``{"format_version", "versions", "error": {"category", "message", "type"}}``
+with a category of :data:`ERROR_CATEGORIES` (a NaN loss is ``non_finite_loss``), never in a bare traceback.
 
 Exit status: 0 trained, 4 interrupted (state saved), 3 non-finite loss, 2 bad input or input format, 1 other.
+
+One optimiser step: the systems of a mini-batch (``batch_size``, in an order drawn from the seeded RNG every
+epoch) each contribute kind_weight · loss / batch_size; each system's backward pass runs on its own, so
+memory holds one system at a time.  Then the gradient is clipped to ``max_grad_norm`` (if > 0), the
+learning rate set by :func:`~.config.learning_rate_at`, and Adam steps.  With a ``validation_fraction`` a
+seeded share of the systems is held back; after every epoch its loss decides the best weights (those are
+returned) and, with ``patience``, early stopping.
+
+Data parallel: when :mod:`torch.distributed` is initialised (``torchrun``, or ``init_process_group`` with
+gloo on CPUs / NCCL on GPUs) every process takes every ``world_size``-th system of each mini-batch, the
+gradients are summed over the processes (all-reduce) before clipping and the step, and every process
+steps the same weights; process 0 prepares the data (the others wait for it) and writes the state.  The
+loss curve is the single process's to rounding (``tests/test_distributed.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +34,7 @@ import dataclasses
 import json
 import math
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -33,17 +49,31 @@ from ..functional.model import DM21Config, DM21Network
 from ..reference.dataset import load_dataset
 from ..reference.fractional import TrainingSystem
 from ..runner.common import check_format_version, package_versions, write_json
-from .loss import PreparedSystem, prepare_system, self_consistency_delta, system_energy
+from .config import ERROR_FILE, TrainConfig, learning_rate_at
+from .loss import self_consistency_delta
+from .prepared import PreparedData, PreparedDataError, compact_energy, evaluate_fast, prepare_dataset
 
-__all__ = ['ERROR_CATEGORIES', 'NonFiniteLossError', 'TrainConfig', 'TrainResult', 'evaluate', 'main', 'train']
+__all__ = [
+    'ERROR_CATEGORIES',
+    'NonFiniteLossError',
+    'TrainConfig',
+    'TrainResult',
+    'evaluate',
+    'main',
+    'split_validation',
+    'train',
+]
 
 HA_TO_MHA = 1000.0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE_LOSS = 3
 EXIT_INTERRUPTED = 4
-ERROR_FILE = 'error.json'
 STATE_FOLDER = 'state'
+PREPARED_FOLDER = 'prepared'
+
+# the per-system energy used by the loop (a module attribute: the tests make it blow up)
+system_energy = compact_energy
 
 #: Error categories written to ``error.json["error"]["category"]``.
 ERROR_CATEGORIES: dict[str, str] = {
@@ -71,64 +101,87 @@ class _InputError(Exception):
 
 
 @dataclasses.dataclass
-class TrainConfig:
-    epochs: int = 20
-    learning_rate: float = 1e-4
-    regulariser_weight: float = 1.0  # λ
-    eta: float = 1e-2  # Ha, regularisation of near-degenerate orbital pairs in ΔE
-    grid_level: int = 1
-    seed: int = 0
-    save_every: int = 5  # epochs between resumable states
-    epochs_per_job: int = 0  # > 0: stop cleanly (state saved) after this many epochs in one job, as at walltime
-    device: str = 'cpu'
-    name: str = 'trained'
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f'unknown training hyper-parameters: {sorted(unknown)}; known: {sorted(known)}')
-        config = cls(**data)
-        if config.epochs < 0 or config.learning_rate <= 0 or config.regulariser_weight < 0 or config.eta <= 0:
-            raise ValueError('epochs >= 0, learning_rate > 0, regulariser_weight >= 0 and eta > 0 are required')
-        if config.device.startswith('cuda') and not torch.cuda.is_available():
-            raise ValueError(f'device {config.device!r} requested but CUDA is not available')
-        return config
-
-
-@dataclasses.dataclass
 class TrainResult:
     network: DM21Network
     history: dict[str, np.ndarray]
     metrics: dict
     interrupted: bool = False  # stopped early (walltime / epochs_per_job); the state is saved, resume later
+    grid: dict = dataclasses.field(default_factory=dict)  # the training grid (prepared.grid_spec)
 
 
-def evaluate(network: DM21Network, prepared: Sequence[PreparedSystem], with_regulariser: bool = True) -> dict:
-    """Errors of E_xc (mHa) per system kind, and the mean |ΔE| (mHa)."""
+def evaluate(
+    network: DM21Network, data: PreparedData, indices: Sequence[int], with_regulariser: bool = True, device='cpu'
+) -> dict:
+    """Errors of E_xc (mHa) per system kind, and the mean |ΔE| (mHa), over systems ``indices`` of ``data``."""
     errors: dict[str, list[float]] = {}
     deltas = []
-    for ps in prepared:
-        energy, v = system_energy(network, ps, with_potential=with_regulariser)
-        errors.setdefault(ps.system.kind, []).append((float(energy.detach()) - ps.target) * HA_TO_MHA)
+    for i in indices:
+        cs = data.load(i, device, with_regulariser)
+        energy, v = evaluate_fast(network, cs, with_potential=with_regulariser)
+        errors.setdefault(cs.kind, []).append((energy - cs.target) * HA_TO_MHA)
         if with_regulariser:
-            deltas.append(abs(float(self_consistency_delta(ps, v.detach()))) * HA_TO_MHA)
+            deltas.append(abs(float(self_consistency_delta(cs, v))) * HA_TO_MHA)
     out = {f'mae_{kind}_mha': float(np.mean(np.abs(v))) for kind, v in errors.items()}
-    out['mae_all_mha'] = float(np.mean(np.abs(np.concatenate([np.asarray(v) for v in errors.values()]))))
-    out['max_abs_error_mha'] = float(np.max(np.abs(np.concatenate([np.asarray(v) for v in errors.values()]))))
+    every = np.abs(np.concatenate([np.asarray(v) for v in errors.values()]))
+    out['mae_all_mha'] = float(np.mean(every))
+    out['max_abs_error_mha'] = float(np.max(every))
     if deltas:
         out['mean_abs_delta_e_mha'] = float(np.mean(deltas))
     return out
+
+
+def _validation_loss(network, data: PreparedData, indices, config: TrainConfig, want_reg: bool, device) -> float:
+    """The training objective (kind-weighted mean of (E − target)² + λ ΔE²) over ``indices``, without a graph."""
+    total = 0.0
+    for i in indices:
+        cs = data.load(i, device, want_reg)
+        energy, v = evaluate_fast(network, cs, with_potential=want_reg)
+        loss = (energy - cs.target) ** 2
+        if want_reg:
+            loss += config.regulariser_weight * float(self_consistency_delta(cs, v, config.eta)) ** 2
+        total += config.kind_weights.get(cs.kind, 1.0) * loss
+    return total / len(indices)
+
+
+def split_validation(n: int, config: TrainConfig) -> tuple[list[int], list[int]]:
+    """(training, validation) indices of ``n`` systems: a seeded share ``validation_fraction`` held back."""
+    if config.validation_fraction <= 0.0:
+        return list(range(n)), []
+    n_val = max(1, round(config.validation_fraction * n))
+    if n_val >= n:
+        raise ValueError(
+            f'validation_fraction {config.validation_fraction} of {n} systems leaves none to train on '
+            f'({n_val} held back)'
+        )
+    order = np.random.default_rng([config.seed, 1]).permutation(n)
+    return sorted(int(i) for i in order[n_val:]), sorted(int(i) for i in order[:n_val])
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless torch.distributed is initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_sum(values: list[float], world: int) -> list[float]:
+    """``values`` summed over the processes (unchanged in a single process)."""
+    if world == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
 
 
 def _state_paths(state_dir: Path) -> tuple[Path, Path]:
     return state_dir / 'state.safetensors', state_dir / 'state.json'
 
 
-def _save_state(state_dir: Path, network, optimizer, epoch: int, rng, history: dict, metrics: dict) -> None:
+def _save_state(state_dir: Path, network, optimizer, rng, progress: dict, best_weights: dict | None) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     tensors = {f'net.{k}': v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    if best_weights is not None:
+        tensors.update({f'best.{k}': v.detach().cpu().contiguous() for k, v in best_weights.items()})
     opt = optimizer.state_dict()
     steps = {}
     for pid, state in opt['state'].items():
@@ -141,19 +194,20 @@ def _save_state(state_dir: Path, network, optimizer, epoch: int, rng, history: d
     tmp = tensors_path.with_suffix('.tmp')
     save_file(tensors, str(tmp))
     tmp.replace(tensors_path)
-    payload = {'epoch': epoch, 'steps': steps, 'rng': rng.bit_generator.state, 'history': history, 'metrics': metrics}
+    payload = {**progress, 'steps': steps, 'rng': rng.bit_generator.state}
     tmp_json = json_path.with_suffix('.tmp')
     tmp_json.write_text(json.dumps(payload))
     tmp_json.replace(json_path)
 
 
-def _load_state(state_dir: Path, network, optimizer, rng) -> tuple[int, dict, dict] | None:
+def _load_state(state_dir: Path, network, optimizer, rng) -> tuple[dict, dict | None] | None:
     tensors_path, json_path = _state_paths(state_dir)
     if not (tensors_path.is_file() and json_path.is_file()):
         return None
     tensors = load_file(str(tensors_path))
     payload = json.loads(json_path.read_text())
     network.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith('net.')})
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith('best.')} or None
     opt = optimizer.state_dict()
     for pid in list(payload['steps']):
         state = {'step': torch.tensor(payload['steps'][pid])}
@@ -162,7 +216,7 @@ def _load_state(state_dir: Path, network, optimizer, rng) -> tuple[int, dict, di
         opt['state'][int(pid)] = state
     optimizer.load_state_dict(opt)
     rng.bit_generator.state = payload['rng']
-    return payload['epoch'], payload['history'], payload.get('metrics', {})
+    return payload, best
 
 
 def train(
@@ -173,14 +227,25 @@ def train(
     state_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
     walltime_seconds: float | None = None,
+    prepared_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train (or fine-tune ``initial``) on ``systems``; metrics before/after on ``systems`` and ``heldout``.
 
-    With ``walltime_seconds`` (and a ``state_dir``) training stops cleanly, state saved, when another epoch
-    would probably not fit in 90 % of it; so does ``config.epochs_per_job``.  ``interrupted`` is then True.
+    The systems are prepared into ``prepared_dir`` (:func:`~.prepared.prepare_dataset`; systems already
+    there are reused; None: a temporary folder) and read back one at a time, so memory does not grow with
+    their number.  With ``walltime_seconds`` (and a ``state_dir``) training stops cleanly, state saved,
+    when another epoch would probably not fit in 90 % of it; so does ``config.epochs_per_job``.
+    ``interrupted`` is then True.
     """
     if not systems:
         raise ValueError('no training systems')
+    config.check()
+    if prepared_dir is None:
+        if _distributed()[1] > 1:
+            raise ValueError('data-parallel training needs a prepared_dir that every process can read')
+        with tempfile.TemporaryDirectory(prefix='dm21-prepared-') as tmp:
+            return train(systems, config, initial, heldout, state_dir, progress, walltime_seconds, tmp)
+    train_idx, val_idx = split_validation(len(systems), config)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     device = torch.device(config.device)
@@ -191,82 +256,177 @@ def train(
     network.requires_grad_(True)
     say = progress or (lambda message: None)
     start = time.perf_counter()
-    say(f'preparing {len(systems)} training and {len(heldout)} held-out systems (grid level {config.grid_level})')
-    prepared = [prepare_system(s, config.grid_level, network.config.omegas, device) for s in systems]
-    prepared_heldout = [prepare_system(s, config.grid_level, network.config.omegas, device) for s in heldout]
-    n_points = sum(ps.n_points for ps in prepared)
-    say(f'{n_points} grid points in the training set, prepared in {time.perf_counter() - start:.1f} s')
+    want_reg = config.regulariser_weight > 0
+    say(
+        f'preparing {len(train_idx)} training, {len(val_idx)} validation and {len(heldout)} held-out systems '
+        f'(grid level {config.grid_level})'
+    )
+    rank, world = _distributed()
+    if rank == 0:
+        data = prepare_dataset(
+            [*systems, *heldout], prepared_dir, config.grid_level, network.config.omegas, want_reg, progress=say
+        )
+    if world > 1:
+        torch.distributed.barrier()  # process 0 has prepared (or found) every system
+        if rank > 0:
+            data = PreparedData(prepared_dir)
+    heldout_idx = list(range(len(systems), len(systems) + len(heldout)))
+    n_points = sum(data.n_points(i) for i in train_idx)
+    say(f'{n_points} grid points in the training set, ready in {time.perf_counter() - start:.1f} s')
     optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
-    history: dict[str, list] = {'epoch': [], 'loss': [], 'energy_loss': [], 'regulariser': [], 'wall_s': []}
-    first_epoch = 0
+    history: dict[str, list] = {
+        'epoch': [],
+        'loss': [],
+        'energy_loss': [],
+        'regulariser': [],
+        'learning_rate': [],
+        'grad_norm': [],
+        'wall_s': [],
+    }
+    if val_idx:
+        history['validation_loss'] = []
+    steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
+    progress_state = {'epoch': 0, 'global_step': 0, 'stopped_early': False, 'best': None, 'bad_epochs': 0}
     metrics: dict = {}
+    best_weights = None
     state_dir = Path(state_dir) if state_dir else None
     loaded = _load_state(state_dir, network, optimizer, rng) if state_dir is not None else None
     if loaded is not None:
-        first_epoch, history, metrics = loaded
-        say(f'resumed from {state_dir} at epoch {first_epoch}')
+        payload, best_weights = loaded
+        history, metrics = payload['history'], payload.get('metrics', {})
+        progress_state.update({k: payload[k] for k in progress_state if k in payload})
+        say(f'resumed from {state_dir} at epoch {progress_state["epoch"]}')
+    first_epoch = progress_state['epoch']
     if 'before' not in metrics:  # errors of the initial model, kept across restarts
-        metrics['before'] = {'train': evaluate(network, prepared)}
-        if prepared_heldout:
-            metrics['before']['heldout'] = evaluate(network, prepared_heldout)
+        metrics['before'] = {'train': evaluate(network, data, train_idx, want_reg, device)}
+        if val_idx:
+            metrics['before']['validation'] = evaluate(network, data, val_idx, want_reg, device)
+        if heldout_idx:
+            metrics['before']['heldout'] = evaluate(network, data, heldout_idx, want_reg, device)
+    if val_idx and progress_state['best'] is None:  # the initial model is the first candidate
+        loss = _validation_loss(network, data, val_idx, config, want_reg, device)
+        progress_state['best'] = {'loss': loss, 'epoch': first_epoch}
+        best_weights = {k: v.detach().clone() for k, v in network.state_dict().items()}
+
+    def save() -> None:
+        if rank > 0:
+            return
+        payload = {**progress_state, 'history': history, 'metrics': metrics}
+        _save_state(state_dir, network, optimizer, rng, payload, best_weights)
+
     interrupted = False
     for epoch in range(first_epoch, config.epochs):
+        if progress_state['stopped_early']:
+            break
         done_here = epoch - first_epoch
         slowest = max(history['wall_s'], default=0.0)
         out_of_time = walltime_seconds is not None and (
             time.perf_counter() - start + 1.5 * slowest > 0.9 * walltime_seconds
         )
-        if (
+        stop_job = (
             state_dir is not None
             and done_here > 0
             and (out_of_time or (config.epochs_per_job > 0 and done_here >= config.epochs_per_job))
-        ):
-            _save_state(state_dir, network, optimizer, epoch, rng, history, metrics)
+        )
+        if _all_sum([float(stop_job)], world)[0] > 0:  # every process stops when one runs out of time
+            save()
             say(f'stopping after epoch {epoch} to stay within the job (state saved in {state_dir})')
             interrupted = True
             break
         t_epoch = time.perf_counter()
-        order = rng.permutation(len(prepared))
-        sums = {'loss': 0.0, 'energy_loss': 0.0, 'regulariser': 0.0}
-        for index in order:
-            ps = prepared[index]
+        order = [train_idx[i] for i in rng.permutation(len(train_idx))]
+        sums = {'loss': 0.0, 'energy_loss': 0.0, 'regulariser': 0.0, 'grad_norm': 0.0}
+        lr = config.learning_rate
+        for first in range(0, len(order), config.batch_size):
+            batch = order[first : first + config.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            want_reg = config.regulariser_weight > 0
-            energy, v_xc = system_energy(network, ps, with_potential=want_reg)
-            energy_loss = (energy - ps.target) ** 2
-            regulariser = self_consistency_delta(ps, v_xc, config.eta) ** 2 if want_reg else energy.new_zeros(())
-            loss = energy_loss + config.regulariser_weight * regulariser
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(ps.system.label, epoch, float(loss.detach()))
-            loss.backward()
+            bad = None
+            for index in batch[rank::world]:
+                cs = data.load(index, device, want_reg)
+                energy, v_xc = system_energy(network, cs, with_potential=want_reg)
+                energy_loss = (energy - cs.target) ** 2
+                regulariser = self_consistency_delta(cs, v_xc, config.eta) ** 2 if want_reg else energy.new_zeros(())
+                loss = energy_loss + config.regulariser_weight * regulariser
+                if not torch.isfinite(loss):
+                    bad = NonFiniteLossError(cs.label, epoch, float(loss.detach()))
+                    break
+                weight = config.kind_weights.get(cs.kind, 1.0) / len(batch)
+                (loss * weight if weight != 1.0 else loss).backward()
+                sums['loss'] += float(loss.detach())
+                sums['energy_loss'] += float(energy_loss.detach())
+                sums['regulariser'] += float(regulariser.detach())
+                del cs, energy, v_xc, loss
+            if world > 1:  # sum the gradients (and agree on a non-finite loss) over the processes
+                if _all_sum([float(bad is not None)], world)[0] > 0:
+                    raise bad or NonFiniteLossError('a system of another process', epoch, float('nan'))
+                for param in network.parameters():
+                    if param.grad is None:
+                        param.grad = torch.zeros_like(param)
+                    torch.distributed.all_reduce(param.grad)
+            elif bad is not None:
+                raise bad
+            clip = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
+            norm = torch.nn.utils.clip_grad_norm_(network.parameters(), clip)
+            sums['grad_norm'] += float(norm)
+            lr = learning_rate_at(config, progress_state['global_step'], steps_per_epoch)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
             optimizer.step()
-            sums['loss'] += float(loss)
-            sums['energy_loss'] += float(energy_loss)
-            sums['regulariser'] += float(regulariser)
+            progress_state['global_step'] += 1
         history['epoch'].append(epoch + 1)
-        for key, value in sums.items():
-            history[key].append(value / len(prepared))
+        keys = ('loss', 'energy_loss', 'regulariser')
+        sums.update(zip(keys, _all_sum([sums[k] for k in keys], world), strict=True))
+        for key in keys:
+            history[key].append(sums[key] / len(train_idx))
+        history['grad_norm'].append(sums['grad_norm'] / steps_per_epoch)
+        history['learning_rate'].append(lr)
+        note = ''
+        if val_idx:
+            val = _validation_loss(network, data, val_idx, config, want_reg, device)
+            history['validation_loss'].append(val)
+            if val < progress_state['best']['loss']:
+                progress_state['best'] = {'loss': val, 'epoch': epoch + 1}
+                progress_state['bad_epochs'] = 0
+                best_weights = {k: v.detach().clone() for k, v in network.state_dict().items()}
+            else:
+                progress_state['bad_epochs'] += 1
+            note = f', validation loss {val:.3e}'
+            if config.patience > 0 and progress_state['bad_epochs'] >= config.patience:
+                progress_state['stopped_early'] = True
+                note += f' (no improvement for {config.patience} epochs: stopping)'
         history['wall_s'].append(time.perf_counter() - t_epoch)
+        progress_state['epoch'] = epoch + 1
         say(
             f'epoch {epoch + 1}/{config.epochs}: loss {history["loss"][-1]:.3e} '
             f'(RMS E_xc error {math.sqrt(history["energy_loss"][-1]) * HA_TO_MHA:.2f} mHa, '
-            f'regulariser {history["regulariser"][-1]:.2e}) {history["wall_s"][-1]:.1f} s'
+            f'regulariser {history["regulariser"][-1]:.2e}), lr {lr:.2e}{note}, {history["wall_s"][-1]:.1f} s'
         )
-        if state_dir is not None and ((epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs):
-            _save_state(state_dir, network, optimizer, epoch + 1, rng, history, metrics)
+        last = epoch + 1 == config.epochs or progress_state['stopped_early']
+        if state_dir is not None and ((epoch + 1) % config.save_every == 0 or last):
+            save()
     network.eval()
-    if interrupted:
-        arrays = {k: np.asarray(v, dtype=float) for k, v in history.items()}
-        return TrainResult(network=network.cpu(), history=arrays, metrics=metrics, interrupted=True)
-    metrics['after'] = {'train': evaluate(network, prepared)}
-    if prepared_heldout:
-        metrics['after']['heldout'] = evaluate(network, prepared_heldout)
-    metrics['n_train_systems'] = len(prepared)
-    metrics['n_heldout_systems'] = len(prepared_heldout)
-    metrics['n_grid_points'] = n_points
-    metrics['wall_s'] = time.perf_counter() - start
     arrays = {k: np.asarray(v, dtype=float) for k, v in history.items()}
-    return TrainResult(network=network.cpu(), history=arrays, metrics=metrics)
+    if interrupted:
+        return TrainResult(network=network.cpu(), history=arrays, metrics=metrics, interrupted=True, grid=data.grid)
+    if best_weights is not None:  # the weights of the lowest validation loss
+        network.load_state_dict(best_weights)
+        metrics['best_epoch'] = progress_state['best']['epoch']
+        metrics['best_validation_loss'] = progress_state['best']['loss']
+        if progress_state['stopped_early']:
+            metrics['stopped_early_at_epoch'] = progress_state['epoch']
+    metrics['after'] = {'train': evaluate(network, data, train_idx, want_reg, device)}
+    if val_idx:
+        metrics['after']['validation'] = evaluate(network, data, val_idx, want_reg, device)
+    if heldout_idx:
+        metrics['after']['heldout'] = evaluate(network, data, heldout_idx, want_reg, device)
+    metrics['n_train_systems'] = len(train_idx)
+    metrics['n_validation_systems'] = len(val_idx)
+    metrics['n_heldout_systems'] = len(heldout_idx)
+    metrics['n_grid_points'] = n_points
+    metrics['grid'] = data.grid
+    metrics['prepared_content_sha256'] = data.index['content_sha256']
+    metrics['wall_s'] = time.perf_counter() - start
+    return TrainResult(network=network.cpu(), history=arrays, metrics=metrics, grid=data.grid)
 
 
 def _read_config(config_path: Path) -> tuple[dict, TrainConfig]:
@@ -310,6 +470,14 @@ def _load_inputs(spec: dict, workdir: Path) -> tuple[list, list, DM21Network | N
     return systems, heldout, initial
 
 
+def _prepared_folder(spec: dict, workdir: Path) -> Path:
+    """``config.json``'s ``prepared_folder`` (relative to the working folder, or absolute), or ``prepared/``."""
+    name = spec.get('prepared_folder') or PREPARED_FOLDER
+    if not isinstance(name, str):
+        raise _InputError('unsupported_input', f'prepared_folder must be a path, got {name!r}')
+    return workdir / name
+
+
 def _train_job(config_path: Path, workdir: Path, versions: dict[str, str]) -> int:
     spec, config = _read_config(config_path)
     systems, heldout, initial = _load_inputs(spec, workdir)
@@ -325,12 +493,14 @@ def _train_job(config_path: Path, workdir: Path, versions: dict[str, str]) -> in
         state_dir=workdir / STATE_FOLDER,
         progress=say,
         walltime_seconds=spec.get('walltime_seconds'),
+        prepared_dir=_prepared_folder(spec, workdir),
     )
     if result.interrupted:
         done = {'epochs_done': len(result.history['epoch']), 'versions': versions}
         write_json(workdir / 'interrupted.json', done)
         return EXIT_INTERRUPTED
-    meta = {'name': config.name, 'source': 'trained', 'training': {'hyperparameters': dataclasses.asdict(config)}}
+    training = {'hyperparameters': dataclasses.asdict(config), 'grid': result.grid}
+    meta = {'name': config.name, 'source': 'trained', 'training': training}
     save_checkpoint(workdir / 'checkpoint.safetensors', result.network, meta)
     tmp = workdir / 'history.npz.tmp'
     with tmp.open('wb') as handle:
@@ -347,9 +517,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = config_path.parent
     # A restart copies the parent's state/ folder: it must exist even when the job is killed before the first save.
     (workdir / STATE_FOLDER).mkdir(exist_ok=True)
+    # A restart links the parent's prepared/ folder (the data is reused, not recomputed): it must exist too.
+    prepared = workdir / PREPARED_FOLDER
+    if prepared.is_symlink() and not prepared.exists():  # a link to a parent that never prepared anything
+        prepared.unlink()
+    prepared.mkdir(exist_ok=True)
     versions = package_versions()
     try:
         return _train_job(config_path, workdir, versions)
+    except PreparedDataError as exc:
+        error = {'category': 'unsupported_input', 'message': str(exc), 'type': type(exc).__name__}
+        status = EXIT_BAD_INPUT
     except _InputError as exc:
         error = {'category': exc.category, 'message': str(exc), 'type': 'InputError'}
         status = EXIT_BAD_INPUT

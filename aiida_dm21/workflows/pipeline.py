@@ -90,7 +90,13 @@ class PipelineWorkChain(WorkChain):
         builder.code = self.inputs.code
         builder.datasets = {'train': self.ctx.train_data.outputs.dataset}
         builder.heldout = {'heldout': self.ctx.heldout_data.outputs.dataset}
-        builder.parameters = self.inputs.training
+        training = self.inputs.training.get_dict()
+        scf_level = self.inputs.scf_parameters.get_dict().get('grid_level')
+        if 'grid_level' not in training and scf_level is not None:  # one grid for training and SCF
+            training['grid_level'] = scf_level
+            builder.parameters = orm.Dict(training)
+        else:
+            builder.parameters = self.inputs.training
         if 'initial_checkpoint' in self.inputs:
             builder.initial_checkpoint = self.inputs.initial_checkpoint
         builder.metadata.call_link_label = 'train'

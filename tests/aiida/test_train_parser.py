@@ -134,6 +134,12 @@ def test_real_training_is_parsed(train_node):
     assert metrics['n_train_systems'] == 2
     assert np.all(np.isfinite(results['loss_curves'].get_array('loss')))
     assert results['checkpoint'].base.attributes.get('source') == 'trained'
+    # the checkpoint records the grid it was trained on (an SCF on another grid warns)
+    content = results['checkpoint'].get_content(mode='rb')
+    header = json.loads(content[8 : 8 + int.from_bytes(content[:8], 'little')])
+    grid = json.loads(header['__metadata__']['aiida_dm21'])['training']['grid']
+    assert grid == {'level': 0, 'radi_method': 'treutler_ahlrichs_original', 'prune': 'nwchem_prune'}
+    assert metrics['grid'] == grid
     assert cache_valid_after(node, 0)
 
 
@@ -246,7 +252,7 @@ def test_nan_loss_ends_in_a_categorised_error(tmp_path, hydrogen_systems, retrie
 
     def blowing_up(network, ps, *args, **kwargs):
         energy, *rest = real(network, ps, *args, **kwargs)
-        return (energy * NAN if ps.system.label == 'H' else energy, *rest)
+        return (energy * NAN if ps.label == 'H' else energy, *rest)
 
     monkeypatch.setattr(training, 'system_energy', blowing_up)
     status, folder = _train_folder(tmp_path / 'job', hydrogen_systems)

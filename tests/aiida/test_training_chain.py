@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -217,6 +218,20 @@ def test_training_refuses_bad_hyperparameters(hydrogen_data, count_nodes):
         run_get_node(DM21TrainCalculation, code=code, datasets={'d': dataset}, parameters=orm.Dict({'epoch': 3}))
     with pytest.raises(ValueError, match='CUDA is not available'):
         run_get_node(DM21TrainCalculation, code=code, datasets={'d': dataset}, parameters=orm.Dict({'device': 'cuda'}))
+    refused = [
+        ({'batch_size': -2}, '`batch_size` must be an integer >= 1'),
+        ({'validation_fraction': 1.0}, '`validation_fraction` must be < 1'),
+        ({'learning_rate': float('nan')}, '`learning_rate` must be a finite number > 0'),
+        ({'max_grad_norm': -1.0}, '`max_grad_norm` must be a finite number >= 0'),
+        ({'kind_weights': {'fc': -1.0}}, 'kind_weights'),
+    ]
+    for parameters, match in refused:
+        with pytest.raises(ValueError, match=match):
+            run_get_node(DM21TrainCalculation, code=code, datasets={'d': dataset}, parameters=orm.Dict(parameters))
+    with pytest.raises(ValueError, match='absolute path'):
+        run_get_node(
+            DM21TrainCalculation, code=code, datasets={'d': dataset}, prepared_folder=orm.Str('relative/prepared')
+        )
     assert count_nodes() == before
 
 
@@ -249,3 +264,8 @@ def test_train_workchain_resumes_after_walltime(hydrogen_data):
     resumed = results['checkpoint'].base.attributes.get('weights_sha256')
     assert resumed == straight['checkpoint'].base.attributes.get('weights_sha256')
     assert list(results['loss_curves'].get_array('epoch')) == [1.0, 2.0]
+    # the second job links the first job's prepared data and recomputes nothing
+    first, second = (Path(job.outputs.remote_folder.get_remote_path()) for job in jobs)
+    assert (second / 'prepared').is_symlink() and (second / 'prepared').resolve() == (first / 'prepared').resolve()
+    log = jobs[1].outputs.retrieved.base.repository.get_object_content('aiida.out', mode='r')
+    assert '0 systems computed, 3 reused' in log, log

@@ -1,0 +1,150 @@
+"""Hyper-parameters of the training (:class:`TrainConfig`), checked without importing PyTorch.
+
+The ``dm21.train`` CalcJob validates its ``parameters`` with :meth:`TrainConfig.from_dict` on the machine
+that submits it, so this module imports nothing heavy (PyTorch only to check a CUDA device request).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+__all__ = ['ERROR_FILE', 'KINDS', 'LR_SCHEDULES', 'TrainConfig', 'learning_rate_at']
+
+ERROR_FILE = 'error.json'
+
+#: The kinds of training systems (``TrainingSystem.kind``) that ``kind_weights`` may weight.
+KINDS: tuple[str, ...] = ('integer', 'fc', 'fs')
+
+#: ``lr_schedule`` values: the learning rate after the linear warm-up.
+LR_SCHEDULES: dict[str, str] = {
+    'constant': 'learning_rate at every step after the warm-up',
+    'cosine': 'learning_rate · ½ (1 + cos(π t / T)) from the end of the warm-up (t = 0) to the last step (t = T)',
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Training hyper-parameters; the defaults of the optimiser loop reproduce plain per-system Adam."""
+
+    epochs: int = 20
+    learning_rate: float = 1e-4
+    regulariser_weight: float = 1.0  # λ
+    eta: float = 1e-2  # Ha, regularisation of near-degenerate orbital pairs in ΔE
+    grid_level: int = 3  # the SCF's level (aiida_dm21.KS, the scf protocols' "moderate"): one grid for both
+    seed: int = 0
+    save_every: int = 5  # epochs between resumable states
+    epochs_per_job: int = 0  # > 0: stop cleanly (state saved) after this many epochs in one job, as at walltime
+    device: str = 'cpu'
+    name: str = 'trained'
+    batch_size: int = 1  # systems per Adam step (their weighted losses are averaged)
+    kind_weights: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(KINDS, 1.0))
+    lr_schedule: str = 'constant'  # see LR_SCHEDULES
+    warmup_epochs: int = 0  # linear warm-up of the learning rate over this many epochs' steps
+    max_grad_norm: float = 0.0  # > 0: clip the gradient of each step to this 2-norm; 0: no clipping
+    validation_fraction: float = 0.0  # share of the training systems held back to decide early stopping
+    patience: int = 0  # > 0: stop after this many epochs without a lower validation loss (best weights kept)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        """The configuration of ``data`` (a ``parameters`` dictionary), or :class:`ValueError` saying what is wrong."""
+        if not isinstance(data, dict):
+            raise TypeError(f'the hyper-parameters must be a mapping, got {type(data).__name__}')
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f'unknown training hyper-parameters: {sorted(unknown)}; known: {sorted(known)}')
+        values = dict(data)
+        if 'kind_weights' in values and isinstance(values['kind_weights'], dict):
+            values['kind_weights'] = {**dict.fromkeys(KINDS, 1.0), **values['kind_weights']}
+        config = cls(**values)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Refuse values no training can run with, naming the hyper-parameter and the allowed range."""
+        ints = {
+            'epochs': 0,
+            'grid_level': 0,
+            'seed': 0,
+            'save_every': 1,
+            'epochs_per_job': 0,
+            'batch_size': 1,
+            'warmup_epochs': 0,
+            'patience': 0,
+        }
+        for key, low in ints.items():
+            value = getattr(self, key)
+            if not _is_int(value) or value < low:
+                raise ValueError(f'`{key}` must be an integer >= {low}, got {value!r}')
+        if self.grid_level > 9:
+            raise ValueError(f'`grid_level` must be a PySCF grid level 0-9, got {self.grid_level!r}')
+        floats = {
+            'learning_rate': (0.0, False),
+            'regulariser_weight': (0.0, True),
+            'eta': (0.0, False),
+            'max_grad_norm': (0.0, True),
+            'validation_fraction': (0.0, True),
+        }
+        for key, (low, inclusive) in floats.items():
+            value = getattr(self, key)
+            ok = _is_number(value) and math.isfinite(value) and (value >= low if inclusive else value > low)
+            if not ok:
+                bound = '>=' if inclusive else '>'
+                raise ValueError(f'`{key}` must be a finite number {bound} {low:g}, got {value!r}')
+        if self.validation_fraction >= 1.0:
+            raise ValueError(
+                f'`validation_fraction` must be < 1 (some systems must be left to train on), '
+                f'got {self.validation_fraction!r}'
+            )
+        if self.patience > 0 and self.validation_fraction == 0.0:
+            raise ValueError('`patience` (early stopping) needs a validation split: set `validation_fraction` > 0')
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f'`lr_schedule` must be one of {sorted(LR_SCHEDULES)}, got {self.lr_schedule!r}')
+        weights = self.kind_weights
+        if not isinstance(weights, dict):
+            raise ValueError(f'`kind_weights` must map system kinds {list(KINDS)} to weights, got {weights!r}')
+        unknown = set(weights) - set(KINDS)
+        if unknown:
+            raise ValueError(f'`kind_weights` names unknown kinds {sorted(unknown)}; kinds: {list(KINDS)}')
+        for kind, value in weights.items():
+            if not (_is_number(value) and math.isfinite(value) and value >= 0):
+                raise ValueError(f'`kind_weights[{kind!r}]` must be a finite number >= 0, got {value!r}')
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f'`name` must be a non-empty string, got {self.name!r}')
+        if not isinstance(self.device, str):
+            raise ValueError(f"`device` must be a device name ('cpu', 'cuda', 'cuda:N'), got {self.device!r}")
+        if self.device.startswith('cuda'):
+            import torch  # only for a CUDA request: the CalcJob's validation stays light otherwise
+
+            if not torch.cuda.is_available():
+                raise ValueError(f'device {self.device!r} requested but CUDA is not available')
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def learning_rate_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) of the whole run (all epochs, all jobs).
+
+    A linear warm-up over the steps of the first ``warmup_epochs`` epochs (lr · (step + 1) / warm-up steps),
+    then ``lr_schedule`` (:data:`LR_SCHEDULES`) over the remaining steps.  A pure function of the step: a
+    resumed run continues the schedule exactly.
+    """
+    lr = float(config.learning_rate)
+    warmup = config.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if config.lr_schedule == 'cosine':
+        total = max(1, config.epochs * steps_per_epoch - warmup)
+        t = min(step - warmup, total)
+        return lr * 0.5 * (1.0 + math.cos(math.pi * t / total))
+    return lr
