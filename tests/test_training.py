@@ -289,3 +289,21 @@ def test_scf_on_another_grid_says_so(dm21m, tmp_path):
         mf._grids_ready(mol, np.zeros((2, 1, 1)))
         log = mf.stdout.getvalue()
         assert ('trained on another grid' in log and 'level 3 (trained on level 1)' in log) is expected, log
+
+
+@pytest.mark.parametrize('bad', ['gpu', 'cuda:', 'cuda:x', 'CPU', 3])
+def test_train_config_refuses_what_is_not_a_device(bad):
+    from aiida_dm21.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match='device name'):
+        TrainConfig.from_dict({'device': bad})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has a GPU')
+def test_cuda_passes_the_form_check_and_is_refused_where_it_runs():
+    from aiida_dm21.training.config import TrainConfig
+
+    config = TrainConfig.from_dict({'device': 'cuda:1'})  # what a CPU-only login node must accept
+    with pytest.raises(ValueError, match='sees no such CUDA GPU'):
+        config.check_device()
+    TrainConfig.from_dict({'device': 'cpu'}).check_device()

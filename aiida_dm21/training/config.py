@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 __all__ = ['ERROR_FILE', 'KINDS', 'LR_SCHEDULES', 'TrainConfig', 'learning_rate_at']
 
@@ -120,13 +121,22 @@ class TrainConfig:
                 raise ValueError(f'`kind_weights[{kind!r}]` must be a finite number >= 0, got {value!r}')
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f'`name` must be a non-empty string, got {self.name!r}')
-        if not isinstance(self.device, str):
+        # only the form here: whether the GPU exists is checked where the training runs (check_device), so that a
+        # CPU-only login node can submit GPU training
+        if not isinstance(self.device, str) or not re.fullmatch(r'cpu|cuda(:\d+)?', self.device):
             raise ValueError(f"`device` must be a device name ('cpu', 'cuda', 'cuda:N'), got {self.device!r}")
-        if self.device.startswith('cuda'):
-            import torch  # only for a CUDA request: the CalcJob's validation stays light otherwise
 
-            if not torch.cuda.is_available():
-                raise ValueError(f'device {self.device!r} requested but CUDA is not available')
+    def check_device(self) -> None:
+        """Refuse a CUDA device this machine's PyTorch does not see (call where the training runs)."""
+        if self.device.startswith('cuda'):
+            import torch
+
+            index = int(self.device.partition(':')[2] or 0)
+            if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+                raise ValueError(
+                    f'device {self.device!r} was requested, but PyTorch on this machine sees no such CUDA GPU '
+                    f'({torch.cuda.device_count()} visible): the training does not fall back to the CPU'
+                )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -240,6 +240,7 @@ def train(
     if not systems:
         raise ValueError('no training systems')
     config.check()
+    config.check_device()
     if prepared_dir is None:
         if _distributed()[1] > 1:
             raise ValueError('data-parallel training needs a prepared_dir that every process can read')
@@ -442,6 +443,7 @@ def _read_config(config_path: Path) -> tuple[dict, TrainConfig]:
         raise _InputError('unsupported_format', problem)
     try:
         config = TrainConfig.from_dict(spec.get('hyperparameters', {}))
+        config.check_device()  # here, on the machine that trains, not where the job was submitted
     except (TypeError, ValueError) as exc:
         raise _InputError('unsupported_input', f'hyper-parameters: {exc}') from exc
     if not isinstance(spec.get('datasets'), list) or not spec['datasets']:

@@ -211,13 +211,28 @@ def test_user_energy_in_ev_enters_the_provenance(aiida_code_installed, make_stru
     assert abs(results['output_parameters']['e_ref'] - (-13.6057 / 27.211386245988)) < 1e-9
 
 
+@pytest.mark.skipif(__import__('torch').cuda.is_available(), reason='this machine has a GPU')
+def test_gpu_training_is_submitted_from_a_cpu_machine_and_refused_where_it_runs(hydrogen_data):
+    """device cuda passes validation on a CPU-only submitting machine; the job on a CPU-only node ends in 420."""
+    from aiida_dm21.calculations.train import validate_parameters
+
+    code, dataset, _ = hydrogen_data
+    assert validate_parameters(orm.Dict({'device': 'cuda:0'})) is None
+    _, node = run_get_node(
+        DM21TrainCalculation, code=code, datasets={'d': dataset}, parameters=orm.Dict({'device': 'cuda'})
+    )
+    assert node.exit_status == 420, node.exit_message
+    assert 'sees no such CUDA GPU' in node.exit_message and 'does not fall back' in node.exit_message
+    assert 'output_checkpoint' not in node.outputs
+
+
 def test_training_refuses_bad_hyperparameters(hydrogen_data, count_nodes):
     code, dataset, _ = hydrogen_data
     before = count_nodes()
     with pytest.raises(ValueError, match='unknown training hyper-parameters'):
         run_get_node(DM21TrainCalculation, code=code, datasets={'d': dataset}, parameters=orm.Dict({'epoch': 3}))
-    with pytest.raises(ValueError, match='CUDA is not available'):
-        run_get_node(DM21TrainCalculation, code=code, datasets={'d': dataset}, parameters=orm.Dict({'device': 'cuda'}))
+    with pytest.raises(ValueError, match='device name'):
+        run_get_node(DM21TrainCalculation, code=code, datasets={'d': dataset}, parameters=orm.Dict({'device': 'gpu'}))
     refused = [
         ({'batch_size': -2}, '`batch_size` must be an integer >= 1'),
         ({'validation_fraction': 1.0}, '`validation_fraction` must be < 1'),
