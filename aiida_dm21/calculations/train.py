@@ -40,6 +40,13 @@ def validate_parameters(value: orm.Dict, _: t.Any = None) -> str | None:
     return None
 
 
+def validate_num_processes(value: orm.Int, _: t.Any = None) -> str | None:
+    """``num_processes`` is an integer >= 1."""
+    if value.value < 1:
+        return f'num_processes must be an integer >= 1, got {value.value}'
+    return None
+
+
 def validate_prepared_folder(value: orm.Str, _: t.Any = None) -> str | None:
     if not value.value.startswith('/'):
         return f'prepared_folder must be an absolute path on the computer, got {value.value!r}'
@@ -80,6 +87,14 @@ class DM21TrainCalculation(CalcJob):
             help=f'Hyper-parameters: {", ".join(TrainConfig.__dataclass_fields__)}.',
         )
         spec.input('seed', valid_type=orm.Int, required=False, help='Random seed (overrides parameters.seed).')
+        spec.input(
+            'num_processes',
+            valid_type=orm.Int,
+            required=False,
+            validator=validate_num_processes,
+            help='Data-parallel processes on the node (torch.distributed through `torchrun`: gloo on CPUs, NCCL with '
+            'device cuda, one GPU per process); 1 (default): a plain single process.',
+        )
         spec.input(
             'initial_checkpoint',
             valid_type=DM21CheckpointData,
@@ -174,7 +189,11 @@ class DM21TrainCalculation(CalcJob):
                 remote_symlink.append((parent.computer.uuid, source, PREPARED_FOLDER))
         codeinfo = datastructures.CodeInfo()
         codeinfo.code_uuid = self.inputs.code.uuid
-        codeinfo.cmdline_params = ['-m', 'aiida_dm21.training.train', CONFIG_FILE]
+        processes = self.inputs.num_processes.value if 'num_processes' in self.inputs else 1
+        launch = ['-m', 'aiida_dm21.training.train', CONFIG_FILE]
+        if processes > 1:  # torchrun starts the processes and sets RANK, WORLD_SIZE, MASTER_ADDR/PORT for each
+            launch = ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={processes}', *launch]
+        codeinfo.cmdline_params = launch
         codeinfo.stdout_name = self.metadata.options.output_filename
         calcinfo = datastructures.CalcInfo()
         calcinfo.codes_info = [codeinfo]

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -480,9 +481,26 @@ def _prepared_folder(spec: dict, workdir: Path) -> Path:
     return workdir / name
 
 
+def _init_distributed(config: TrainConfig) -> TrainConfig:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1); each process's config.
+
+    gloo on CPUs, NCCL on GPUs with one GPU per process (``cuda`` becomes ``cuda:<LOCAL_RANK>``).
+    """
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world <= 1 or torch.distributed.is_initialized():
+        return config
+    if config.device.startswith('cuda'):
+        config = dataclasses.replace(config, device=f'cuda:{int(os.environ.get("LOCAL_RANK", "0"))}')
+        config.check_device()
+    torch.distributed.init_process_group('nccl' if config.device.startswith('cuda') else 'gloo')
+    return config
+
+
 def _train_job(config_path: Path, workdir: Path, versions: dict[str, str]) -> int:
     spec, config = _read_config(config_path)
+    config = _init_distributed(config)
     systems, heldout, initial = _load_inputs(spec, workdir)
+    rank = _distributed()[0]
 
     def say(message: str) -> None:
         print(message, flush=True)
@@ -497,6 +515,8 @@ def _train_job(config_path: Path, workdir: Path, versions: dict[str, str]) -> in
         walltime_seconds=spec.get('walltime_seconds'),
         prepared_dir=_prepared_folder(spec, workdir),
     )
+    if rank > 0:  # process 0 writes the results
+        return EXIT_INTERRUPTED if result.interrupted else 0
     if result.interrupted:
         done = {'epochs_done': len(result.history['epoch']), 'versions': versions}
         write_json(workdir / 'interrupted.json', done)
@@ -545,6 +565,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             'traceback': traceback.format_exc(limit=20),
         }
         status = EXIT_FAILED
+    if _distributed()[0] > 0:  # in a data-parallel run process 0 writes error.json; the others only say why
+        print(f'aiida-dm21 training (rank {_distributed()[0]}): {error["message"]}', file=sys.stderr, flush=True)
+        return status
     write_json(workdir / ERROR_FILE, {'format_version': 1, 'versions': versions, 'error': error})
     print(f'aiida-dm21 training: {error["category"]}: {error["message"]}', file=sys.stderr, flush=True)
     return status

@@ -284,3 +284,26 @@ def test_train_workchain_resumes_after_walltime(hydrogen_data):
     assert (second / 'prepared').is_symlink() and (second / 'prepared').resolve() == (first / 'prepared').resolve()
     log = jobs[1].outputs.retrieved.base.repository.get_object_content('aiida.out', mode='r')
     assert '0 systems computed, 3 reused' in log, log
+
+
+def test_two_process_training_through_torchrun_follows_the_single_process_curve(hydrogen_data):
+    """num_processes 2: the dm21.train job runs torchrun (gloo, 2 CPU processes); same loss curve as 1 process."""
+    code, dataset, _ = hydrogen_data
+    hyper = orm.Dict({'epochs': 2, 'learning_rate': 1e-4, 'grid_level': 0, 'seed': 3, 'batch_size': 2})
+    single, single_node = run_get_node(DM21TrainCalculation, code=code, datasets={'h': dataset}, parameters=hyper)
+    double, double_node = run_get_node(
+        DM21TrainCalculation, code=code, datasets={'h': dataset}, parameters=hyper, num_processes=orm.Int(2)
+    )
+    assert single_node.is_finished_ok and double_node.is_finished_ok, double_node.exit_message
+    script = double_node.base.repository.get_object_content('_aiidasubmit.sh', mode='r')
+    assert 'torch.distributed.run' in script and '--nproc_per_node=2' in script
+    a, b = (r['loss_curves'].get_array('loss') for r in (single, double))
+    assert np.allclose(a, b, rtol=1e-6, atol=1e-9), (a, b)
+
+
+def test_num_processes_below_one_is_refused(hydrogen_data, count_nodes):
+    code, dataset, _ = hydrogen_data
+    before = count_nodes()
+    with pytest.raises(ValueError, match='num_processes must be an integer >= 1'):
+        run_get_node(DM21TrainCalculation, code=code, datasets={'d': dataset}, num_processes=orm.Int(0))
+    assert count_nodes() == before
