@@ -7,21 +7,29 @@ label), so the provenance graph links every fractional system to the exact calcu
 from __future__ import annotations
 
 import tempfile
+import typing as t
 from pathlib import Path
 
 from aiida import orm
 from aiida.engine import calcfunction
 
 from aiida_dm21.data.dataset import DM21DatasetData
+from aiida_dm21.reference.constants import ARRAY_NAMES
 from aiida_dm21.reference.dataset import save_dataset
-from aiida_dm21.reference.fractional import fractional_charge_systems, fractional_spin_systems, integer_system
-from aiida_dm21.reference.integer import ARRAY_NAMES, IntegerResult
+
+if t.TYPE_CHECKING:
+    from aiida_dm21.reference.integer import IntegerResult
+
+# The systems are built with PySCF (aiida_dm21.reference.fractional): imported inside the calcfunction, so that
+# importing the workflows (on the submitting machine) does not import PySCF.
 
 __all__ = ('build_fractional_dataset', 'integer_result_from_node')
 
 
 def integer_result_from_node(node: orm.ArrayData) -> IntegerResult:
     """The core :class:`IntegerResult` of a ``dm21.reference`` ``output_arrays`` node."""
+    from aiida_dm21.reference.integer import IntegerResult
+
     arrays = {name: node.get_array(name) for name in ARRAY_NAMES}
     return IntegerResult.from_parts(node.base.attributes.get('spec'), node.base.attributes.get('scalars'), arrays)
 
@@ -34,6 +42,8 @@ def build_fractional_dataset(parameters: orm.Dict, **integer: orm.ArrayData) -> 
     electrons); ``fractional_spin`` — labels of spin-polarised systems; ``integer`` — labels to include
     as integer systems; ``deltas`` (default [0.25, 0.5, 0.75]); ``spin_fractions`` (default [0.25, 0.5]).
     """
+    from aiida_dm21.reference.fractional import fractional_charge_systems, fractional_spin_systems, integer_system
+
     p = parameters.get_dict()
     results = {label: integer_result_from_node(node) for label, node in integer.items()}
     missing = {lab for pair in p.get('fractional_charge', []) for lab in pair} | set(p.get('fractional_spin', []))

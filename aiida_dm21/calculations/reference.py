@@ -17,7 +17,7 @@ from aiida.common import datastructures
 from aiida.engine import CalcJob
 
 from aiida_dm21.calculations.scf import _check_electrons, molecule_of, validate_structure
-from aiida_dm21.reference.integer import FCI_MAX_ELECTRONS, REFERENCE_METHODS
+from aiida_dm21.reference.constants import FCI_MAX_ELECTRONS, REFERENCE_METHODS  # no PySCF
 from aiida_dm21.runner.common import INPUT_FORMAT_VERSION
 from aiida_dm21.runner.reference import ARRAYS_FILE, RESULTS_FILE
 

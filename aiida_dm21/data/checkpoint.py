@@ -9,8 +9,10 @@ into attributes so it can be queried without opening the file::
     node.name, node.weights_sha256, node.n_parameters
     network = node.load_network()
 
-A file is validated with :func:`aiida_dm21.functional.checkpoint.read_checkpoint` when it is set: a
-truncated, corrupt or foreign file raises :class:`DM21CheckpointError` and nothing is put in the node.
+A file is validated when it is set, with the checks of :func:`aiida_dm21.functional.checkpoint.read_checkpoint`
+and :func:`~aiida_dm21.functional.checkpoint.network_from_tensors` done on NumPy arrays
+(:mod:`aiida_dm21.functional.checkpoint_format`: no PyTorch is imported): a truncated, corrupt or foreign file
+raises :class:`DM21CheckpointError` and nothing is put in the node.  Only :meth:`load_network` needs PyTorch.
 
 Identity is what the network computes, not the filename: the *content* of the weights (``weights_sha256``)
 and the metadata that changes the function (``architecture`` with its omegas, ``omegas``, ``feature_names``).
@@ -31,11 +33,12 @@ from aiida.orm import QueryBuilder, SinglefileData
 from aiida.orm.nodes.caching import NodeCaching
 from aiida.orm.pydantic import OrmMetadataField
 
-from aiida_dm21.functional.checkpoint import (
+# the torch-free half of the checkpoint format: validating a file on the submitting machine needs no PyTorch
+from aiida_dm21.functional.checkpoint_format import (
     CheckpointError,
     check_checkpoint_name,
-    network_from_tensors,
-    read_checkpoint,
+    check_tensors,
+    read_checkpoint_arrays,
 )
 
 if t.TYPE_CHECKING:
@@ -80,14 +83,17 @@ def _read_source(source: Source) -> tuple[bytes, str | None]:
 
 
 def _validate_content(content: bytes, origin: str) -> dict[str, t.Any]:
-    """Validate checkpoint bytes with the core reader (format, version, hash, architecture) and return its metadata."""
+    """Validate checkpoint bytes (format, version, hash, architecture, shapes, finite values); return the metadata.
+
+    The core reader's checks on NumPy arrays: PyTorch is not imported.
+    """
     # safetensors reads from a file: write the bytes to a private temporary file for the check.
     with tempfile.TemporaryDirectory(prefix='dm21-checkpoint-') as tmp:
         path = pathlib.Path(tmp) / 'checkpoint.safetensors'
         path.write_bytes(content)
         try:
-            tensors, metadata = read_checkpoint(path)
-            network_from_tensors(tensors, metadata, origin)
+            tensors, metadata = read_checkpoint_arrays(path)
+            check_tensors(tensors, metadata, origin)
         except CheckpointError as exc:
             message = str(exc).replace(str(path), origin)
             raise DM21CheckpointError(f'refusing {origin}: {message}') from exc

@@ -16,7 +16,7 @@ from aiida.orm.nodes.caching import NodeCaching
 from aiida_dm21.reference.dataset import DatasetError, load_dataset
 
 if t.TYPE_CHECKING:
-    from aiida_dm21.reference.fractional import TrainingSystem
+    from aiida_dm21.reference.system import TrainingSystem
 
 __all__ = ('DM21DatasetData',)
 

@@ -25,13 +25,31 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+# the format itself (header, hash, architecture checks) needs no PyTorch: the AiiDA plugins use it directly
+from .checkpoint_format import (
+    ENV_SOURCE,
+    ENV_WEIGHTS_DIR,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    METADATA_KEY,
+    PUBLISHED_FUNCTIONALS,
+    CheckpointError,
+    check_checkpoint_name,
+    check_finite,
+    check_tensors,
+    expected_shapes,
+    read_safetensors,
+    weights_dir,
+    weights_sha256,
+)
 from .model import FEATURE_NAMES, DM21Config, DM21Network
 from .tf_checkpoint import CheckpointFormatError, read_tensor_bundle
 
 __all__ = [
+    'ENV_SOURCE',
+    'ENV_WEIGHTS_DIR',
     'FORMAT_NAME',
     'FORMAT_VERSION',
     'PUBLISHED_FUNCTIONALS',
@@ -39,6 +57,7 @@ __all__ = [
     'CheckpointError',
     'check_checkpoint_name',
     'check_finite',
+    'expected_shapes',
     'fetch_deepmind',
     'import_deepmind',
     'load_network',
@@ -47,12 +66,6 @@ __all__ = [
     'weights_dir',
     'weights_sha256',
 ]
-
-FORMAT_NAME = 'aiida-dm21-checkpoint'
-FORMAT_VERSION = 1
-METADATA_KEY = 'aiida_dm21'
-
-PUBLISHED_FUNCTIONALS = ('DM21', 'DM21m', 'DM21mc', 'DM21mu')
 
 #: Where DeepMind publishes the checkpoints (Apache-2.0), one folder per functional.
 UPSTREAM_URL = (
@@ -98,66 +111,7 @@ UPSTREAM_SHA256: dict[str, dict[str, str]] = {
     },
 }
 
-ENV_WEIGHTS_DIR = 'AIIDA_DM21_WEIGHTS_DIR'
-ENV_SOURCE = 'AIIDA_DM21_WEIGHTS_SOURCE'
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or upstream folder is missing, corrupt, or not what it claims to be."""
-
-
 # --- the project's format -----------------------------------------------------------------------------
-
-
-def check_checkpoint_name(name: object) -> str:
-    """``name`` if it can name a checkpoint file ``<name>.safetensors`` inside the weights folder.
-
-    :raises CheckpointError: not a string, empty, ``.``/``..``, starting with a dot, or holding a path separator or
-        a control character (a name must never place the file outside the folder).
-    """
-    if not isinstance(name, str) or not name.strip():
-        raise CheckpointError(f'a checkpoint name must be a non-empty string, got {name!r}')
-    separators = {'/', '\\', os.sep} | ({os.altsep} if os.altsep else set())
-    if (
-        name != name.strip()
-        or name.startswith('.')
-        or any(sep in name for sep in separators)
-        or any(ord(c) < 32 or ord(c) == 127 for c in name)
-    ):
-        raise CheckpointError(
-            f'checkpoint name {name!r} cannot be a file name in the weights folder: use letters, digits, '
-            "'-', '_' or '+' (no path separators, no leading dot, no surrounding spaces)"
-        )
-    return name
-
-
-def check_finite(tensors: Mapping[str, torch.Tensor | np.ndarray], origin: str) -> None:
-    """Refuse tensors with NaN or infinite entries (they would make every energy NaN), naming them.
-
-    :raises CheckpointError: some tensor is not finite.
-    """
-    bad = []
-    for name in sorted(tensors):
-        value = tensors[name]
-        array = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
-        if array.is_floating_point() and not bool(torch.isfinite(array).all()):
-            bad.append(f'{name} ({int((~torch.isfinite(array)).sum())} of {array.numel()} values)')
-    if bad:
-        raise CheckpointError(f'{origin}: NaN or infinite weights in {", ".join(bad[:4])}: not a usable network')
-
-
-def weights_sha256(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> str:
-    """Content hash of a set of tensors, independent of file layout."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        array = np.ascontiguousarray(_as_numpy(tensors[name]))
-        digest.update(f'{name}|{array.dtype.str}|{list(array.shape)}|'.encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
-def _as_numpy(value) -> np.ndarray:
-    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
 
 def save_checkpoint(path: str | Path, network: DM21Network, metadata: Mapping[str, Any] | None = None) -> dict:
@@ -190,56 +144,7 @@ def save_checkpoint(path: str | Path, network: DM21Network, metadata: Mapping[st
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and metadata of a checkpoint file, validated (format, version, hash, shapes)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f'checkpoint file {path} does not exist')
-    try:
-        with safe_open(str(path), framework='pt') as handle:
-            header = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f'{path} is not a readable safetensors checkpoint (truncated or corrupt?): {exc}'
-        ) from exc
-    if METADATA_KEY not in header:
-        raise CheckpointError(f'{path} has no {METADATA_KEY!r} metadata: not an aiida-dm21 checkpoint')
-    try:
-        meta = json.loads(header[METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f'{path}: metadata is not valid JSON: {exc}') from exc
-    if not isinstance(meta, dict):
-        raise CheckpointError(f'{path}: the {METADATA_KEY!r} metadata must be a JSON object, got {type(meta).__name__}')
-    if meta.get('format') != FORMAT_NAME:
-        raise CheckpointError(f'{path}: format {meta.get("format")!r} is not {FORMAT_NAME!r}')
-    if meta.get('format_version') != FORMAT_VERSION:
-        raise CheckpointError(
-            f'{path}: format version {meta.get("format_version")} is not supported '
-            f'(this package reads {FORMAT_VERSION})'
-        )
-    digest = weights_sha256(tensors)
-    if digest != meta.get('weights_sha256'):
-        raise CheckpointError(
-            f'{path}: weights sha256 {digest} does not match the recorded {meta.get("weights_sha256")}'
-        )
-    check_finite(tensors, str(path))
-    return tensors, meta
-
-
-def expected_shapes(config: DM21Config) -> dict[str, tuple[int, ...]]:
-    """The state-dict tensor shapes of :class:`DM21Network` with ``config`` (without allocating the network)."""
-    h, n_in, n_out = config.hidden, config.n_features, config.n_outputs
-    shapes: dict[str, tuple[int, ...]] = {
-        'input_layer.weight': (h, n_in),
-        'input_layer.bias': (h,),
-        'output_layer.weight': (n_out, h),
-        'output_layer.bias': (n_out,),
-    }
-    for i in range(config.n_blocks):
-        shapes[f'blocks.{i}.linear.weight'] = (h, h)
-        shapes[f'blocks.{i}.linear.bias'] = (h,)
-        shapes[f'blocks.{i}.norm.weight'] = (h,)
-        shapes[f'blocks.{i}.norm.bias'] = (h,)
-    return shapes
+    return read_safetensors(path, 'pt')
 
 
 def network_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], origin: str) -> DM21Network:
@@ -248,49 +153,10 @@ def network_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str,
     :raises CheckpointError: an impossible architecture, metadata that contradicts it (omegas, feature names),
         tensors of the wrong names or shapes, or NaN/infinite weights; ``origin`` names the file in the message.
     """
-    try:
-        config = DM21Config.from_dict(meta.get('architecture', {}))
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f'{origin}: bad architecture description: {exc}') from exc
-    if 'omegas' in meta and not _same_numbers(meta['omegas'], config.omegas):
-        raise CheckpointError(
-            f'{origin}: the metadata says omegas {meta["omegas"]!r} but the architecture has {list(config.omegas)}'
-        )
-    if 'feature_names' in meta and list(meta['feature_names'] or []) != list(FEATURE_NAMES):
-        raise CheckpointError(
-            f'{origin}: feature_names {meta["feature_names"]!r} are not the DM21 features {list(FEATURE_NAMES)}'
-        )
-    # the shapes first, from the configuration: a huge `hidden` must not allocate a huge network
-    expected = expected_shapes(config)
-    found = {k: tuple(v.shape) for k, v in tensors.items()}
-    if expected != found:
-        missing = sorted(set(expected) - set(found))
-        extra = sorted(set(found) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
-        details = '; '.join(
-            f'{label}: {items[:4]}'
-            for label, items in (('missing', missing), ('unexpected', extra), ('wrong shape', wrong))
-            if items
-        )
-        raise CheckpointError(f'{origin}: tensors do not fit the DM21 architecture ({details})')
-    check_finite(tensors, origin)
+    config = check_tensors(tensors, meta, origin)
     network = DM21Network(config)
     network.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
     return network
-
-
-def _same_numbers(given: object, expected: tuple[float, ...]) -> bool:
-    try:
-        values = [float(x) for x in given]  # type: ignore[attr-defined]
-    except (TypeError, ValueError):
-        return False
-    return values == list(expected)
-
-
-def weights_dir() -> Path:
-    """Where named checkpoints live: ``$AIIDA_DM21_WEIGHTS_DIR`` or ``~/.cache/aiida-dm21/weights``."""
-    env = os.environ.get(ENV_WEIGHTS_DIR)
-    return Path(env) if env else Path.home() / '.cache' / 'aiida-dm21' / 'weights'
 
 
 def load_network(spec: str | Path) -> tuple[DM21Network, dict]:

@@ -19,7 +19,7 @@ from aiida.common.exceptions import NotExistent
 from aiida.engine import ExitCode
 
 from aiida_dm21.parsers.common import NeverRaisingParser, first_non_finite, first_non_finite_array, scheduler_exit_code
-from aiida_dm21.reference.integer import ARRAY_NAMES
+from aiida_dm21.reference.constants import ARRAY_NAMES  # no PySCF
 from aiida_dm21.runner.reference import ARRAYS_FILE, RESULTS_FILE, unconverged_steps
 
 __all__ = ('REQUIRED_SCALARS', 'DM21ReferenceParser')

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fractional import TrainingSystem
+from .system import TrainingSystem  # not .fractional: reading a dataset needs no PySCF
 
 __all__ = ['DATASET_FORMAT', 'DatasetError', 'dataset_summary', 'load_dataset', 'save_dataset']
 

@@ -17,12 +17,13 @@ own canonical orbitals.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import scipy.linalg
 
 from .integer import IntegerResult, build_molecule, coulomb_matrix, frame_molecule, non_xc_energy
+
+# TrainingSystem lives in a module without PySCF (the dataset file and the AiiDA data node need only it)
+from .system import TrainingSystem
 
 __all__ = [
     'TrainingSystem',
@@ -31,41 +32,6 @@ __all__ = [
     'integer_system',
     'natural_orbitals',
 ]
-
-
-@dataclasses.dataclass
-class TrainingSystem:
-    """One training/evaluation system: a fixed density and the XC energy it should have."""
-
-    kind: str  # 'integer' | 'fc' | 'fs'
-    label: str
-    atom: str
-    basis: str
-    delta: float  # fraction (FC: of the upper system; FS: of the spin-flipped state); 0 for integer systems
-    n_electrons: float
-    e_ref: float
-    e_non_xc: float
-    e_xc_target: float
-    dm: np.ndarray  # (2, nao, nao)
-    no_coeff: np.ndarray  # (2, nao, nao) natural orbitals per spin
-    no_occ: np.ndarray  # (2, nao)
-    no_energy: np.ndarray  # (2, nao)
-    h_core_j: np.ndarray  # (nao, nao): kinetic + nuclear attraction + Hartree potential of the ensemble density
-    sources: tuple[str, ...]  # labels of the integer calculations it was built from
-
-    def scalars(self) -> dict:
-        return {
-            'kind': self.kind,
-            'label': self.label,
-            'atom': self.atom,
-            'basis': self.basis,
-            'delta': self.delta,
-            'n_electrons': self.n_electrons,
-            'e_ref': self.e_ref,
-            'e_non_xc': self.e_non_xc,
-            'e_xc_target': self.e_xc_target,
-            'sources': list(self.sources),
-        }
 
 
 def natural_orbitals(s: np.ndarray, dm: np.ndarray, fock: np.ndarray, tol: float = 1e-7):

@@ -21,6 +21,9 @@ from typing import Any
 import numpy as np
 from pyscf import cc, dft, fci, gto, scf
 
+# the names the AiiDA plugins need, kept free of PySCF
+from .constants import ARRAY_NAMES, FCI_MAX_ELECTRONS, REFERENCE_METHODS, ReferenceInputError
+
 __all__ = [
     'REFERENCE_METHODS',
     'IntegerResult',
@@ -32,15 +35,6 @@ __all__ = [
     'non_xc_energy',
     'run_integer_system',
 ]
-
-REFERENCE_METHODS = ('fci', 'ccsd(t)', 'ccsd', 'hf', 'user')
-FCI_MAX_ELECTRONS = 4
-#: The arrays of an :class:`IntegerResult` (files, AiiDA ArrayData): density, orbitals, occupations, energies, Fock.
-ARRAY_NAMES = ('dm', 'mo_coeff', 'mo_occ', 'mo_energy', 'fock')
-
-
-class ReferenceInputError(ValueError):
-    """Bad input for a reference calculation (unknown element, impossible charge/spin, bad method...)."""
 
 
 @dataclasses.dataclass

@@ -21,7 +21,7 @@ from aiida_dm21.calculations.fractional import build_fractional_dataset
 from aiida_dm21.calculations.reference import DM21ReferenceCalculation
 from aiida_dm21.calculations.scf import validate_structure
 from aiida_dm21.data.dataset import DM21DatasetData
-from aiida_dm21.reference.integer import ReferenceInputError, frame_molecule
+from aiida_dm21.reference.constants import ReferenceInputError  # no PySCF: frame_molecule is imported when used
 from aiida_dm21.reference.sets import SPECIES_SETS
 from aiida_dm21.runner.reference import unconverged_steps
 
@@ -46,6 +46,13 @@ def structure_from_atom(atom: str) -> orm.StructureData:
     except (RuntimeError, KeyError, ValueError) as exc:
         raise ReferenceInputError(f'cannot read the geometry {atom!r}: {exc}') from exc
     return structure_from_atoms([(symbol, [c * BOHR for c in coords]) for symbol, coords in atoms])
+
+
+def _frame_molecule(atom: str, basis: str):
+    """:func:`aiida_dm21.reference.integer.frame_molecule` (PySCF: imported only when a species is checked)."""
+    from aiida_dm21.reference.integer import frame_molecule
+
+    return frame_molecule(atom, basis)
 
 
 def link_label(label: str) -> str:
@@ -73,7 +80,7 @@ def validate_species(value: orm.List, _: t.Any = None) -> str | None:
             return f'duplicate species label {item["label"]!r}'
         labels.add(item['label'])
         try:
-            frame_molecule(item['atom'], 'sto-3g')
+            _frame_molecule(item['atom'], 'sto-3g')
         except ReferenceInputError as exc:
             return f'species {item["label"]!r}: {exc}'
     return None
@@ -137,7 +144,7 @@ def _species_problem(item: dict, basis: str, method: str, density_method: str) -
         )
     if problem is None:
         try:
-            frame_molecule(item['atom'], basis)
+            _frame_molecule(item['atom'], basis)
         except ReferenceInputError as exc:
             problem = str(exc)
     return problem
