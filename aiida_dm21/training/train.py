@@ -317,7 +317,7 @@ def train(
             metrics['before']['validation'] = evaluate(network, data, val_idx, want_reg, device, config)
         if heldout_idx:
             metrics['before']['heldout'] = evaluate(network, data, heldout_idx, want_reg, device, config)
-        scf = evaluate_scf(network, config, say)
+        scf = evaluate_scf(network, config, say) if rank == 0 else {}  # process 0 writes the metrics
         if scf:
             metrics['before']['scf'] = scf
     if val_idx and progress_state['best'] is None:  # the initial model is the first candidate
@@ -440,7 +440,7 @@ def train(
         metrics['after']['validation'] = evaluate(network, data, val_idx, want_reg, device, config)
     if heldout_idx:
         metrics['after']['heldout'] = evaluate(network, data, heldout_idx, want_reg, device, config)
-    scf = evaluate_scf(network, config, say)
+    scf = evaluate_scf(network, config, say) if rank == 0 else {}
     if scf:
         metrics['after']['scf'] = scf
     metrics['n_train_systems'] = len(train_idx)
