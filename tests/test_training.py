@@ -66,16 +66,21 @@ def test_regulariser_is_the_second_order_energy_change(systems, dm21m):
     """ΔE matches a brute-force evaluation: one SCF step from D with the model's Fock matrix, to second order."""
     ps = prepare_system(systems[1], grid_level=1)
     _, v = system_energy(dm21m.float(), ps, with_potential=True)
-    delta = float(self_consistency_delta(ps, v.detach(), eta=1e-12))
-    total = 0.0
-    for spin in range(2):
-        c, n, eps = (x.numpy() for x in (ps.no_coeff[spin], ps.no_occ[spin], ps.no_energy[spin]))
-        f = c.T @ (ps.h_core_j.numpy() + v[spin].detach().numpy()) @ c
-        for i in range(len(n)):
-            for j in range(len(n)):
-                if i != j and abs(n[i] - n[j]) > 1e-12:
-                    total += 0.5 * (n[i] - n[j]) / (eps[i] - eps[j]) * f[i, j] ** 2
-    assert abs(delta - total) < 1e-10 and delta < 0
+    for orbital_energies in ('reference', 'model'):
+        delta = float(self_consistency_delta(ps, v.detach(), eta=1e-12, orbital_energies=orbital_energies))
+        total = 0.0
+        for spin in range(2):
+            c, n, eps = (x.numpy() for x in (ps.no_coeff[spin], ps.no_occ[spin], ps.no_energy[spin]))
+            f = c.T @ (ps.h_core_j.numpy() + v[spin].detach().numpy()) @ c
+            if orbital_energies == 'model':  # the model's own orbital energies: the diagonal of its Fock matrix
+                eps = np.diag(f)
+            for i in range(len(n)):
+                for j in range(len(n)):
+                    if i != j and abs(n[i] - n[j]) > 1e-12:
+                        total += 0.5 * (n[i] - n[j]) / (eps[i] - eps[j]) * f[i, j] ** 2
+        assert abs(delta - total) < 1e-10 and delta < 0, orbital_energies
+    with pytest.raises(ValueError, match='orbital_energies must be one of'):
+        self_consistency_delta(ps, v.detach(), orbital_energies='uhf')
 
 
 def test_training_is_deterministic_and_resumable(systems, dm21m, tmp_path):
@@ -138,6 +143,7 @@ def test_no_training_systems():
         ({'grid_level': 10}, '`grid_level` must be a PySCF grid level 0-9'),
         ({'epochs': 1.5}, '`epochs` must be an integer'),
         ({'epochs': 1, 'lr': 1}, 'unknown training hyper-parameters'),
+        ({'regulariser_orbital_energies': 'uhf'}, '`regulariser_orbital_energies` must be one of'),
     ],
 )
 def test_bad_hyperparameters_are_refused(parameters, match):

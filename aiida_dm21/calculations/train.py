@@ -7,6 +7,11 @@ reaches the integer reference calculations.  The run saves a resumable ``state/`
 training continues from the last saved epoch.  The prepared per-point data (:mod:`aiida_dm21.training.prepared`)
 is computed once into ``prepared/`` of the working folder, and a restart links the parent's ``prepared/``
 instead of recomputing it; ``prepared_folder`` names a folder on the computer shared by several trainings.
+
+With ``scf_evaluation`` / ``fractional_evaluation`` in ``parameters`` the initial and trained functional are
+also run self-consistently (:mod:`aiida_dm21.training.scf_eval`): held-out SCF energies and errors, and the
+fractional-charge curve of a held-out atom, in ``metrics`` (``before.scf``, ``after.scf``), the curve's PNG
+as ``fractional_plot``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ CHECKPOINT_FILE = 'checkpoint.safetensors'
 INITIAL_FILE = 'initial.safetensors'
 STATE_FOLDER = 'state'
 PREPARED_FOLDER = 'prepared'
+FRACTIONAL_PLOT = 'fractional_curve.png'
 
 
 def validate_parameters(value: orm.Dict, _: t.Any = None) -> str | None:
@@ -126,6 +132,13 @@ class DM21TrainCalculation(CalcJob):
             valid_type=orm.Dict,
             help='Errors before/after training on train and held-out sets; package versions of the compute node.',
         )
+        spec.output(
+            'fractional_plot',
+            valid_type=orm.SinglefileData,
+            required=False,
+            help='PNG of the fractional-charge curve of the initial and trained functional '
+            '(with parameters.fractional_evaluation).',
+        )
         spec.default_output_node = 'metrics'
         # No failed or interrupted training is reused from the cache (the scheduler's 110/120/140 already are not).
         failure = {'invalidates_cache': True}
@@ -204,6 +217,7 @@ class DM21TrainCalculation(CalcJob):
             CHECKPOINT_FILE,
             'history.npz',
             'metrics.json',
+            FRACTIONAL_PLOT,
             'interrupted.json',
             ERROR_FILE,
             self.metadata.options.output_filename,

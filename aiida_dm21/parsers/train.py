@@ -30,10 +30,12 @@ CHECKPOINT_FILE = 'checkpoint.safetensors'
 HISTORY_FILE = 'history.npz'
 METRICS_FILE = 'metrics.json'
 INTERRUPTED_FILE = 'interrupted.json'
+FRACTIONAL_PLOT = 'fractional_curve.png'
 
 
 class DM21TrainParser(NeverRaisingParser):
-    """``checkpoint.safetensors`` -> ``checkpoint``, ``history.npz`` -> ``loss_curves``, ``metrics.json``."""
+    """``checkpoint.safetensors`` -> ``checkpoint``, ``history.npz`` -> ``loss_curves``, ``metrics.json``,
+    ``fractional_curve.png`` (if written) -> ``fractional_plot``."""
 
     UNREADABLE = 'ERROR_UNREADABLE_OUTPUT'
 
@@ -115,6 +117,11 @@ class DM21TrainParser(NeverRaisingParser):
         for key, value in history.items():
             curves.set_array(key, value)
         metrics_node = orm.Dict(metrics)
+        if FRACTIONAL_PLOT in names:
+            png = retrieved.base.repository.get_object_content(FRACTIONAL_PLOT, mode='rb')
+            if not png.startswith(b'\x89PNG'):
+                return self._unreadable(f'{FRACTIONAL_PLOT} is not a PNG image')
+            self.out('fractional_plot', orm.SinglefileData(io.BytesIO(png), filename=FRACTIONAL_PLOT))
         self.out('checkpoint', checkpoint)
         self.out('loss_curves', curves)
         self.out('metrics', metrics_node)

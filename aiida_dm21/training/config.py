@@ -10,7 +10,15 @@ import dataclasses
 import math
 import re
 
-__all__ = ['ERROR_FILE', 'KINDS', 'LR_SCHEDULES', 'TrainConfig', 'learning_rate_at']
+__all__ = [
+    'ERROR_FILE',
+    'FRACTIONAL_DELTAS',
+    'KINDS',
+    'LR_SCHEDULES',
+    'ORBITAL_ENERGIES',
+    'TrainConfig',
+    'learning_rate_at',
+]
 
 ERROR_FILE = 'error.json'
 
@@ -22,6 +30,38 @@ LR_SCHEDULES: dict[str, str] = {
     'constant': 'learning_rate at every step after the warm-up',
     'cosine': 'learning_rate · ½ (1 + cos(π t / T)) from the end of the warm-up (t = 0) to the last step (t = T)',
 }
+
+
+#: ``regulariser_orbital_energies``: the orbital energies in the regulariser's denominator (training/loss.py).
+ORBITAL_ENERGIES: dict[str, str] = {
+    'model': "the diagonal of the model's own Fock matrix in the input orbitals (default)",
+    'reference': "the input orbitals' energies from the reference method (e.g. UHF)",
+}
+
+#: The fractions δ of the self-consistent fractional-charge curve (``fractional_evaluation``).
+FRACTIONAL_DELTAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+_SPECIES_KEYS = {'atom': str, 'basis': str, 'charge': int, 'spin': int, 'label': str}
+
+
+def _check_species(entry, where: str, required: tuple[str, ...]) -> None:
+    """A held-out species ``{atom, basis, charge, spin, label, ...}``: types only (no PySCF here)."""
+    if not isinstance(entry, dict):
+        raise ValueError(f'{where} must be a mapping with {", ".join(required)}, got {entry!r}')
+    for key in required:
+        if key not in entry:
+            raise ValueError(f'{where} lacks `{key}`')
+    for key, kind in _SPECIES_KEYS.items():
+        if key not in entry:
+            continue
+        value = entry[key]
+        ok = _is_int(value) if kind is int else isinstance(value, str) and bool(value.strip())
+        if not ok:
+            raise ValueError(
+                f'{where}: `{key}` must be a{"n integer" if kind is int else " non-empty string"}, got {value!r}'
+            )
+    if entry.get('spin', 0) < 0:
+        raise ValueError(f'{where}: `spin` (2S) must be >= 0, got {entry["spin"]!r}')
 
 
 def _is_int(value) -> bool:
@@ -53,6 +93,12 @@ class TrainConfig:
     max_grad_norm: float = 0.0  # > 0: clip the gradient of each step to this 2-norm; 0: no clipping
     validation_fraction: float = 0.0  # share of the training systems held back to decide early stopping
     patience: int = 0  # > 0: stop after this many epochs without a lower validation loss (best weights kept)
+    regulariser_orbital_energies: str = 'model'  # see ORBITAL_ENERGIES
+    # self-consistent evaluation of the initial and trained functional (off by default: SCFs cost minutes)
+    scf_evaluation: list = dataclasses.field(default_factory=list)  # [{atom, basis, charge, spin, e_ref, label}]
+    fractional_evaluation: dict | None = (
+        None  # {atom, basis, charge, spin, spin_next, label}: E(N+δ), δ ∈ FRACTIONAL_DELTAS
+    )
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -119,6 +165,12 @@ class TrainConfig:
         for kind, value in weights.items():
             if not (_is_number(value) and math.isfinite(value) and value >= 0):
                 raise ValueError(f'`kind_weights[{kind!r}]` must be a finite number >= 0, got {value!r}')
+        if self.regulariser_orbital_energies not in ORBITAL_ENERGIES:
+            raise ValueError(
+                f'`regulariser_orbital_energies` must be one of {sorted(ORBITAL_ENERGIES)}, '
+                f'got {self.regulariser_orbital_energies!r}'
+            )
+        self._check_evaluation()
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f'`name` must be a non-empty string, got {self.name!r}')
         # only the form here: whether the GPU exists is checked where the training runs (check_device), so that a
@@ -136,6 +188,43 @@ class TrainConfig:
                 raise ValueError(
                     f'device {self.device!r} was requested, but PyTorch on this machine sees no such CUDA GPU '
                     f'({torch.cuda.device_count()} visible): the training does not fall back to the CPU'
+                )
+
+    def _check_evaluation(self) -> None:
+        if not isinstance(self.scf_evaluation, list):
+            raise ValueError(f'`scf_evaluation` must be a list of species, got {self.scf_evaluation!r}')
+        labels = set()
+        for i, entry in enumerate(self.scf_evaluation):
+            where = f'`scf_evaluation[{i}]`'
+            _check_species(entry, where, ('atom', 'basis', 'e_ref'))
+            unknown = set(entry) - {*_SPECIES_KEYS, 'e_ref'}
+            if unknown:
+                raise ValueError(
+                    f'{where} has unknown keys {sorted(unknown)}; known: {sorted({*_SPECIES_KEYS, "e_ref"})}'
+                )
+            e_ref = entry['e_ref']
+            if not (_is_number(e_ref) and math.isfinite(e_ref)):
+                raise ValueError(f'{where}: `e_ref` must be a finite energy (Ha), got {e_ref!r}')
+            label = entry.get('label') or entry['atom']
+            if label in labels:
+                raise ValueError(f'{where}: label {label!r} appears twice')
+            labels.add(label)
+        frac = self.fractional_evaluation
+        if frac is None:
+            return
+        where = '`fractional_evaluation`'
+        _check_species(frac, where, ('atom', 'basis'))
+        unknown = set(frac) - {*_SPECIES_KEYS, 'spin_next'}
+        if unknown:
+            raise ValueError(
+                f'{where} has unknown keys {sorted(unknown)}; known: {sorted({*_SPECIES_KEYS, "spin_next"})}'
+            )
+        if 'spin_next' in frac:
+            spin_next = frac['spin_next']
+            if not _is_int(spin_next) or spin_next < 0 or abs(spin_next - frac.get('spin', 0)) != 1:
+                raise ValueError(
+                    f'{where}: `spin_next` (2S of the N+1 system) must be an integer >= 0 differing from `spin` '
+                    f'by 1, got {spin_next!r}'
                 )
 
     def to_dict(self) -> dict:

@@ -6,7 +6,8 @@
 the dataset files, the initial checkpoint (optional), the hyper-parameters (:class:`~.config.TrainConfig`)
 and optionally ``prepared_folder`` (prepared data, :mod:`.prepared`; default ``prepared/`` in the working
 folder, computed there once and reused by every later epoch and resumed job); the run writes
-``checkpoint.safetensors``, ``history.npz`` and, last, ``metrics.json`` (with the package ``versions``)
+``checkpoint.safetensors``, ``history.npz``, with a ``fractional_evaluation`` ``fractional_curve.png``
+and, last, ``metrics.json`` (with the package ``versions``)
 and, every ``save_every`` epochs, a resumable ``state/`` (weights, Adam moments, epoch, step, RNG state,
 best validation weights, history).  Stopped early for the walltime it writes ``interrupted.json`` instead.
 Any failure ends in ``error.json``: ``{"format_version", "versions", "error": {"category", "message", "type"}}``
@@ -53,6 +54,7 @@ from ..runner.common import check_format_version, package_versions, write_json
 from .config import ERROR_FILE, TrainConfig, learning_rate_at
 from .loss import self_consistency_delta
 from .prepared import PreparedData, PreparedDataError, compact_energy, evaluate_fast, prepare_dataset
+from .scf_eval import check_molecules, evaluate_scf, plot_curves
 
 __all__ = [
     'ERROR_CATEGORIES',
@@ -72,6 +74,7 @@ EXIT_NON_FINITE_LOSS = 3
 EXIT_INTERRUPTED = 4
 STATE_FOLDER = 'state'
 PREPARED_FOLDER = 'prepared'
+FRACTIONAL_PLOT = 'fractional_curve.png'  # the FC curves of the initial and trained functional (fractional_evaluation)
 
 # the per-system energy used by the loop (a module attribute: the tests make it blow up)
 system_energy = compact_energy
@@ -111,9 +114,18 @@ class TrainResult:
 
 
 def evaluate(
-    network: DM21Network, data: PreparedData, indices: Sequence[int], with_regulariser: bool = True, device='cpu'
+    network: DM21Network,
+    data: PreparedData,
+    indices: Sequence[int],
+    with_regulariser: bool = True,
+    device='cpu',
+    config: TrainConfig | None = None,
 ) -> dict:
-    """Errors of E_xc (mHa) per system kind, and the mean |ΔE| (mHa), over systems ``indices`` of ``data``."""
+    """Errors of E_xc (mHa) per system kind, and the mean |ΔE| (mHa), over systems ``indices`` of ``data``.
+
+    ΔE with ``config``'s ``eta`` and ``regulariser_orbital_energies`` (the defaults without a ``config``).
+    """
+    config = config or TrainConfig()
     errors: dict[str, list[float]] = {}
     deltas = []
     for i in indices:
@@ -121,7 +133,8 @@ def evaluate(
         energy, v = evaluate_fast(network, cs, with_potential=with_regulariser)
         errors.setdefault(cs.kind, []).append((energy - cs.target) * HA_TO_MHA)
         if with_regulariser:
-            deltas.append(abs(float(self_consistency_delta(cs, v))) * HA_TO_MHA)
+            delta = self_consistency_delta(cs, v, config.eta, config.regulariser_orbital_energies)
+            deltas.append(abs(float(delta)) * HA_TO_MHA)
     out = {f'mae_{kind}_mha': float(np.mean(np.abs(v))) for kind, v in errors.items()}
     every = np.abs(np.concatenate([np.asarray(v) for v in errors.values()]))
     out['mae_all_mha'] = float(np.mean(every))
@@ -139,7 +152,8 @@ def _validation_loss(network, data: PreparedData, indices, config: TrainConfig, 
         energy, v = evaluate_fast(network, cs, with_potential=want_reg)
         loss = (energy - cs.target) ** 2
         if want_reg:
-            loss += config.regulariser_weight * float(self_consistency_delta(cs, v, config.eta)) ** 2
+            delta = self_consistency_delta(cs, v, config.eta, config.regulariser_orbital_energies)
+            loss += config.regulariser_weight * float(delta) ** 2
         total += config.kind_weights.get(cs.kind, 1.0) * loss
     return total / len(indices)
 
@@ -300,11 +314,14 @@ def train(
         say(f'resumed from {state_dir} at epoch {progress_state["epoch"]}')
     first_epoch = progress_state['epoch']
     if 'before' not in metrics:  # errors of the initial model, kept across restarts
-        metrics['before'] = {'train': evaluate(network, data, train_idx, want_reg, device)}
+        metrics['before'] = {'train': evaluate(network, data, train_idx, want_reg, device, config)}
         if val_idx:
-            metrics['before']['validation'] = evaluate(network, data, val_idx, want_reg, device)
+            metrics['before']['validation'] = evaluate(network, data, val_idx, want_reg, device, config)
         if heldout_idx:
-            metrics['before']['heldout'] = evaluate(network, data, heldout_idx, want_reg, device)
+            metrics['before']['heldout'] = evaluate(network, data, heldout_idx, want_reg, device, config)
+        scf = evaluate_scf(network, config, say) if rank == 0 else {}  # process 0 writes the metrics
+        if scf:
+            metrics['before']['scf'] = scf
     if val_idx and progress_state['best'] is None:  # the initial model is the first candidate
         loss = _validation_loss(network, data, val_idx, config, want_reg, device)
         progress_state['best'] = {'loss': loss, 'epoch': first_epoch}
@@ -347,7 +364,11 @@ def train(
                 cs = data.load(index, device, want_reg)
                 energy, v_xc = system_energy(network, cs, with_potential=want_reg)
                 energy_loss = (energy - cs.target) ** 2
-                regulariser = self_consistency_delta(cs, v_xc, config.eta) ** 2 if want_reg else energy.new_zeros(())
+                if want_reg:
+                    delta = self_consistency_delta(cs, v_xc, config.eta, config.regulariser_orbital_energies)
+                    regulariser = delta**2
+                else:
+                    regulariser = energy.new_zeros(())
                 loss = energy_loss + config.regulariser_weight * regulariser
                 if not torch.isfinite(loss):
                     bad = NonFiniteLossError(cs.label, epoch, float(loss.detach()))
@@ -416,11 +437,14 @@ def train(
         metrics['best_validation_loss'] = progress_state['best']['loss']
         if progress_state['stopped_early']:
             metrics['stopped_early_at_epoch'] = progress_state['epoch']
-    metrics['after'] = {'train': evaluate(network, data, train_idx, want_reg, device)}
+    metrics['after'] = {'train': evaluate(network, data, train_idx, want_reg, device, config)}
     if val_idx:
-        metrics['after']['validation'] = evaluate(network, data, val_idx, want_reg, device)
+        metrics['after']['validation'] = evaluate(network, data, val_idx, want_reg, device, config)
     if heldout_idx:
-        metrics['after']['heldout'] = evaluate(network, data, heldout_idx, want_reg, device)
+        metrics['after']['heldout'] = evaluate(network, data, heldout_idx, want_reg, device, config)
+    scf = evaluate_scf(network, config, say) if rank == 0 else {}
+    if scf:
+        metrics['after']['scf'] = scf
     metrics['n_train_systems'] = len(train_idx)
     metrics['n_validation_systems'] = len(val_idx)
     metrics['n_heldout_systems'] = len(heldout_idx)
@@ -447,6 +471,10 @@ def _read_config(config_path: Path) -> tuple[dict, TrainConfig]:
         config.check_device()  # here, on the machine that trains, not where the job was submitted
     except (TypeError, ValueError) as exc:
         raise _InputError('unsupported_input', f'hyper-parameters: {exc}') from exc
+    try:
+        check_molecules(config)
+    except ValueError as exc:
+        raise _InputError('unsupported_input', f'scf/fractional evaluation: {exc}') from exc
     if not isinstance(spec.get('datasets'), list) or not spec['datasets']:
         raise _InputError('unsupported_input', f'{config_path.name} names no training dataset')
     return spec, config
@@ -524,6 +552,12 @@ def _train_job(config_path: Path, workdir: Path, versions: dict[str, str]) -> in
     training = {'hyperparameters': dataclasses.asdict(config), 'grid': result.grid}
     meta = {'name': config.name, 'source': 'trained', 'training': training}
     save_checkpoint(workdir / 'checkpoint.safetensors', result.network, meta)
+    curves = {
+        label: result.metrics.get(which, {}).get('scf', {}).get('fractional_charge')
+        for label, which in (('initial', 'before'), ('trained', 'after'))
+    }
+    if any(curves.values()):
+        plot_curves(curves, workdir / FRACTIONAL_PLOT)
     tmp = workdir / 'history.npz.tmp'
     with tmp.open('wb') as handle:
         np.savez(handle, **result.history)

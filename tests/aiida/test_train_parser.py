@@ -143,6 +143,36 @@ def test_real_training_is_parsed(train_node):
     assert cache_valid_after(node, 0)
 
 
+def test_scf_evaluation_and_fractional_plot_are_parsed(retrieved_calc_node, tmp_path, hydrogen_systems, upstream_dir):
+    """A training with the self-consistent evaluation (DM21m on H, STO-3G, grid level 1): before/after SCF metrics,
+    the fractional-charge curve's PNG as ``fractional_plot``."""
+    hyper = {
+        **HYPER,
+        'grid_level': 1,
+        'scf_evaluation': [{'label': 'H', 'atom': 'H 0 0 0', 'basis': 'sto-3g', 'spin': 1, 'e_ref': -0.4666}],
+        'fractional_evaluation': {'atom': 'H 0 0 0', 'basis': 'sto-3g', 'charge': 1, 'spin': 0, 'spin_next': 1},
+    }
+    config = {'hyperparameters': hyper, 'initial_checkpoint': str(upstream_dir / 'DM21m')}
+    status, folder = _train_folder(tmp_path / 'job', hydrogen_systems, **config)
+    assert status == 0
+    assert (folder / 'fractional_curve.png').is_file()
+    results, calcfunction = parse(retrieved_calc_node(folder, plugin='dm21.train'))
+    assert calcfunction.is_finished_ok, calcfunction.exit_message
+    metrics = results['metrics'].get_dict()
+    for which in ('before', 'after'):
+        scf = metrics[which]['scf']
+        assert scf['species'][0]['converged'] and scf['scf_mae_mha'] == abs(scf['species'][0]['error_mha'])
+        assert len(scf['fractional_charge']['energy']) == 5
+    assert results['fractional_plot'].get_content(mode='rb').startswith(b'\x89PNG')
+    # a NaN in the SCF metrics is never stored
+    payload = json.loads((folder / 'metrics.json').read_text())
+    payload['after']['scf']['species'][0]['energy'] = NAN
+    (folder / 'metrics.json').write_text(json.dumps(payload))
+    results, calcfunction = parse(retrieved_calc_node(folder, plugin='dm21.train'))
+    assert calcfunction.exit_status == 411 and 'after.scf.species[0].energy' in calcfunction.exit_message
+    assert not results
+
+
 @pytest.mark.parametrize('scheduler_status', [110, 120, 140])
 def test_scheduler_kill_reaches_the_parser(train_node, scheduler_status):
     """The node is not finished while it is parsed: the scheduler's code must be read all the same."""

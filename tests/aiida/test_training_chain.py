@@ -239,6 +239,9 @@ def test_training_refuses_bad_hyperparameters(hydrogen_data, count_nodes):
         ({'learning_rate': float('nan')}, '`learning_rate` must be a finite number > 0'),
         ({'max_grad_norm': -1.0}, '`max_grad_norm` must be a finite number >= 0'),
         ({'kind_weights': {'fc': -1.0}}, 'kind_weights'),
+        ({'regulariser_orbital_energies': 'uhf'}, '`regulariser_orbital_energies` must be one of'),
+        ({'scf_evaluation': [{'atom': 'H 0 0 0', 'basis': 'sto-3g'}]}, r'`scf_evaluation\[0\]` lacks `e_ref`'),
+        ({'fractional_evaluation': {'atom': 'H 0 0 0', 'basis': 'sto-3g', 'spin_next': 2}}, '`spin_next`'),
     ]
     for parameters, match in refused:
         with pytest.raises(ValueError, match=match):
