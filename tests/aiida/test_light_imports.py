@@ -29,6 +29,7 @@ import importlib, json, pkgutil, sys
 from importlib.metadata import entry_points
 
 report = {}
+HEAVY = ('torch', 'numba', 'pyscf')  # what the submitting machine must not need
 
 def loaded():
     return sorted(name for name in HEAVY if name in sys.modules)
