@@ -49,7 +49,7 @@ from pyscf.lib import logger
 
 from .numint import DM21NumInt, _ao_products, _block_features, _point_derivatives
 
-__all__ = ['RKSGradients', 'UKSGradients', 'gradients', 'xc_gradient']
+__all__ = ['RKSGradients', 'UKSGradients', 'gradients', 'nu_ip', 'xc_gradient']
 
 # PySCF's order of the AO second derivatives: xx, xy, xz, yy, yz, zz after the value and the gradient
 _HESSIAN_INDEX = ((4, 5, 6), (5, 7, 8), (6, 8, 9))
@@ -146,18 +146,26 @@ def _integral_force(ni: DM21NumInt, mol, coords: np.ndarray, shells: np.ndarray,
     if k == 0:
         return out
     xs = fb.x[..., fb.idx]  # (g, ns, k)
-    bas = np.ascontiguousarray(mol._bas[shells])
-    env = np.append(mol._env, coords.ravel())
-    env[gto.mole.NGRIDS] = g
-    env[gto.mole.PTR_GRIDS] = env.size - coords.size
-    intor = mol._add_suffix('int1e_grids_ip')
     for w, omega in enumerate(ni.omegas):
-        env[gto.mole.PTR_RANGE_OMEGA] = omega
-        ip = gto.moleintor.getints(intor, mol._atm, bas, env, comp=3, hermi=0)  # (3, g, k, k): <d_j b|v|d>
-        ip = torch.from_numpy(ip).to(xs.device)
+        ip = torch.from_numpy(nu_ip(mol, coords, shells, omega)).to(xs.device)
         ip_e = torch.matmul(ip, xs.transpose(1, 2).unsqueeze(0))  # (3, g, k, ns)
         out += (ip_e * (xs * v_hf[:, w, :].unsqueeze(-1)).transpose(1, 2).unsqueeze(0)).sum(-1)
     return out
+
+
+def nu_ip(mol, coords: np.ndarray, shells: np.ndarray, omega: float) -> np.ndarray:
+    """<d_j b|v_omega(r)|d> (3, g, k, k) over the AOs of ``shells`` at the points ``coords`` (float64).
+
+    v_omega(r) = erf(omega |r' - r|) / |r' - r| (1 / |r' - r| for omega = 0), set as :meth:`.DM21NumInt._nu`
+    sets it; d nu_bd/dR_A = -ip_bd [b on A] - ip_db [d on A].
+    """
+    g = len(coords)
+    bas = np.ascontiguousarray(mol._bas[shells])
+    env = np.append(mol._env, np.asarray(coords, dtype=np.float64).ravel())
+    env[gto.mole.NGRIDS] = g
+    env[gto.mole.PTR_GRIDS] = env.size - 3 * g
+    env[gto.mole.PTR_RANGE_OMEGA] = omega
+    return gto.moleintor.getints(mol._add_suffix('int1e_grids_ip'), mol._atm, bas, env, comp=3, hermi=0)
 
 
 def _weight_derivatives(mol, grids):
