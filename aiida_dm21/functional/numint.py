@@ -649,6 +649,28 @@ def pack(nu: torch.Tensor) -> torch.Tensor:
     return nu[..., torch.from_numpy(rows), torch.from_numpy(cols)].contiguous()
 
 
+def _point_derivatives(
+    fb: _BlockFeatures, weights: torch.Tensor, f: torch.Tensor, g_feats: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dE/drho_s (g, ns), dE/dgrad rho_s (3, g, ns), dE/dtau_s (g, ns) and dE/de_hf^omega_s (g, n_omega, ns) of a block.
+
+    E = sum_g w (f . parts): through the network (``g_feats`` = dE/dfeatures, (g, 11)) and through ``parts``
+    (rho and the local-HF densities); ``f`` the enhancement factors (g, 3).  For ns = 1 (one density matrix
+    serving both spin channels) the two channels' derivatives are added.  Shared by the potential
+    (:func:`_block_potential`) and the nuclear gradient (:mod:`.grad`).
+    """
+    wf = weights[:, None] * f  # (g, 3)
+    rho = fb.rho.clamp(min=0.0)
+    v_rho = g_feats[:, 0:2] + wf[:, 0:1] * (LDA_X_FACTOR * 4.0 / 3.0) * rho ** (1.0 / 3.0)  # (g, 2)
+    grad_total = fb.grad.sum(-1, keepdim=True)  # (3, g, 1)
+    v_grad = 2.0 * (g_feats[:, 3:5] * fb.grad + g_feats[:, 2:3] * grad_total)  # (3, g, 2)
+    v_tau = g_feats[:, 5:7]  # (g, 2)
+    v_hf = torch.stack([g_feats[:, 7:9], g_feats[:, 9:11]], dim=-1) + wf[:, 1:3, None]  # (g, n_omega, 2)
+    if fb.x.shape[1] == 1:  # one density matrix serves both channels: their derivatives add
+        v_rho, v_grad, v_tau, v_hf = (v.sum(-1, keepdim=True) for v in (v_rho, v_grad, v_tau, v_hf))
+    return v_rho, v_grad, v_tau, v_hf
+
+
 def _block_potential(
     fb: _BlockFeatures, ao: torch.Tensor, weights: torch.Tensor, f: torch.Tensor, g_feats: torch.Tensor
 ) -> torch.Tensor:
@@ -661,15 +683,7 @@ def _block_potential(
     """
     ns, nao = fb.x.shape[1], fb.x.shape[2]
     g = ao.shape[1]
-    wf = weights[:, None] * f  # (g, 3)
-    rho = fb.rho.clamp(min=0.0)
-    v_rho = g_feats[:, 0:2] + wf[:, 0:1] * (LDA_X_FACTOR * 4.0 / 3.0) * rho ** (1.0 / 3.0)  # (g, 2)
-    grad_total = fb.grad.sum(-1, keepdim=True)  # (3, g, 1)
-    v_grad = 2.0 * (g_feats[:, 3:5] * fb.grad + g_feats[:, 2:3] * grad_total)  # (3, g, 2)
-    v_tau = g_feats[:, 5:7]  # (g, 2)
-    v_hf = torch.stack([g_feats[:, 7:9], g_feats[:, 9:11]], dim=-1) + wf[:, 1:3, None]  # (g, n_omega, 2)
-    if ns == 1:  # one density matrix serves both channels: their derivatives add
-        v_rho, v_grad, v_tau, v_hf = (v.sum(-1, keepdim=True) for v in (v_rho, v_grad, v_tau, v_hf))
+    v_rho, v_grad, v_tau, v_hf = _point_derivatives(fb, weights, f, g_feats)
     # dE/dD = chi^T dE/dx + sum_k grad_k chi^T (v_tau/2) grad_k chi: one product with all four AO components
     rhs = torch.empty(4, g, ns, nao, dtype=ao.dtype, device=ao.device)
     if kernels.available() and ao.device.type == 'cpu':

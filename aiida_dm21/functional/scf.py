@@ -257,9 +257,17 @@ class _DM21Mixin:
         return vind
 
     def nuc_grad_method(self):
-        raise NotImplementedError('analytic nuclear gradients are not implemented for DM21 functionals')
+        """Analytic nuclear gradients (RKS, UKS): a PySCF gradients object, see :mod:`.grad`; ROKS is refused."""
+        from .grad import gradients
+
+        return gradients(self)
 
     Gradients = nuc_grad_method
+
+    def reset(self, mol=None):
+        """PySCF's reset (scanners call it for each new geometry), and the integral cache with it."""
+        self._numint.reset_cache()
+        return super().reset(mol)
 
     def stability(self, *args, **kwargs):
         raise NotImplementedError('stability analysis needs second functional derivatives, not implemented for DM21')
