@@ -33,7 +33,7 @@ class DM21Calculator(Calculator):
     :param charge: total charge; ``spin`` (2S) defaults to 0 for an even electron count, else 1.
     :param grid_level: PySCF grid level.
     :param disp: dispersion (``d3bj``, ``d4`` … with B3LYP's parameters), or None.
-    :param conv_tol: SCF energy convergence (Ha).
+    :param conv_tol: SCF energy convergence (Ha); ``max_cycle`` its most cycles.
     :param grid_response: include the grid-weight response in the forces (PySCF's convention).
     :param ks_options: further keyword arguments of :func:`aiida_dm21.KS` (``device``, ``screening`` …).
     """
@@ -47,6 +47,7 @@ class DM21Calculator(Calculator):
         'grid_level': 3,
         'disp': None,
         'conv_tol': 1e-8,
+        'max_cycle': 50,
         'grid_response': True,
     }
 
@@ -85,9 +86,13 @@ class DM21Calculator(Calculator):
 
         p = self.parameters
         mol = self._molecule(self.atoms)
-        mf = KS(mol, p['functional'], disp=p['disp'], **self.ks_options)
+        try:
+            mf = KS(mol, p['functional'], disp=p['disp'], **self.ks_options)
+        except (ValueError, RuntimeError) as exc:  # unsupported molecule, basis, functional or option
+            raise CalculationFailed(f'DM21 cannot treat this: {exc}') from exc
         mf.grids.level = int(p['grid_level'])
         mf.conv_tol = float(p['conv_tol'])
+        mf.max_cycle = int(p['max_cycle'])
         numbers = tuple(int(z) for z in self.atoms.get_atomic_numbers())
         dm0 = self._dm if numbers == self._numbers else None
         energy = mf.kernel(dm0=dm0)

@@ -87,3 +87,17 @@ def test_no_dispersion_spellings_and_a_late_bad_setting(dm21_network):
     mf.disp = 'd3-bj'  # set after construction: refused when the energy is needed, not silently ignored
     with pytest.raises(ValueError, match='unknown dispersion'):
         mf.kernel()
+
+
+def test_dm21_gradient_carries_the_dispersion_gradient(dm21_network):
+    """With disp, the nuclear gradient is the one without plus the library's dE_disp/dR (to rounding)."""
+    mol = gto.M(atom=WATER, basis='sto-3g', verbose=0)
+    plain, with_d3 = KS(mol, dm21_network), KS(mol, dm21_network, disp='d3bj')
+    for mf in (plain, with_d3):
+        mf.grids.level = 1
+        mf.conv_tol = 1e-10
+        mf.kernel()
+    g_plain, g_d3 = plain.nuc_grad_method().kernel(), with_d3.nuc_grad_method().kernel()
+    _, expected = dispersion.dispersion(mol, 'd3bj', gradient=True)
+    assert np.abs(expected).max() > 1e-7
+    assert np.allclose(g_d3 - g_plain, expected, atol=1e-8)

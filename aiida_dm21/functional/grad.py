@@ -47,6 +47,7 @@ from pyscf.grad import rks as rks_grad
 from pyscf.grad import uks as uks_grad
 from pyscf.lib import logger
 
+from . import dispersion
 from .numint import DM21NumInt, _ao_products, _block_features, _point_derivatives
 
 __all__ = ['RKSGradients', 'UKSGradients', 'gradients', 'nu_ip', 'xc_gradient']
@@ -234,9 +235,17 @@ class _DM21GradientsMixin:
         logger.debug(self, 'DM21 E_xc on the gradient grid = %.12f; sum of XC gradient %s', exc, de.sum(0))
         return de
 
+    def _dispersion_gradient(self, mol) -> np.ndarray:
+        """dE_disp/dR (natm, 3) of the SCF's ``disp`` (the library's analytic gradient), zeros without it."""
+        version = dispersion.check_disp(getattr(self.base, 'disp', None))
+        if version is None:
+            return np.zeros((mol.natm, 3))
+        return dispersion.dispersion(mol, version, gradient=True)[1]
+
     def extra_force(self, atom_id, envs):
-        """The whole XC gradient of the atom (computed in ``get_veff``), grid response included when asked."""
-        return envs['vhf'].de_xc[atom_id]
+        """The whole XC gradient of the atom (computed in ``get_veff``), grid response included when asked, and the
+        dispersion gradient when the SCF has ``disp``."""
+        return envs['vhf'].de_xc[atom_id] + envs['vhf'].de_disp[atom_id]
 
 
 class RKSGradients(_DM21GradientsMixin, rks_grad.Gradients):
@@ -247,7 +256,8 @@ class RKSGradients(_DM21GradientsMixin, rks_grad.Gradients):
         mol = self.mol if mol is None else mol
         dm = np.asarray(self.base.make_rdm1() if dm is None else dm)
         vj = self.get_j(mol, dm)
-        return lib.tag_array(vj, de_xc=self._xc_gradient(mol, dm, restricted=True))
+        de_xc = self._xc_gradient(mol, dm, restricted=True)
+        return lib.tag_array(vj, de_xc=de_xc, de_disp=self._dispersion_gradient(mol))
 
 
 class UKSGradients(_DM21GradientsMixin, uks_grad.Gradients):
@@ -261,7 +271,8 @@ class UKSGradients(_DM21GradientsMixin, uks_grad.Gradients):
             dm = np.stack([dm * 0.5, dm * 0.5])
         vj = self.get_j(mol, dm)
         vj = np.repeat((vj[0] + vj[1])[None], 2, axis=0)
-        return lib.tag_array(vj, de_xc=self._xc_gradient(mol, dm, restricted=False))
+        de_xc = self._xc_gradient(mol, dm, restricted=False)
+        return lib.tag_array(vj, de_xc=de_xc, de_disp=self._dispersion_gradient(mol))
 
 
 def gradients(mf):

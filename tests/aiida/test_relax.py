@@ -115,3 +115,34 @@ def test_parser_refuses_a_bad_relax_json(retrieved_calc_node, content, match):
     results, calcfunction = _parse(node)
     assert calcfunction.exit_status == 301 and match in calcfunction.exit_message
     assert 'output_structure' not in results
+
+
+def test_water_relaxes_through_aiida_and_restarts_after_max_steps(python_code, checkpoint_node, make_structure):
+    """dm21.relax workflow on water (DM21, STO-3G, grid 1): max_steps 2 ends the first job with 500, the handler
+    restarts from its last structure, the second converges; the relaxed structure is an output node."""
+    water = [('O', (0.0, 0.0, 0.13)), ('H', (0.0, 0.80, -0.50)), ('H', (0.0, -0.80, -0.50))]
+    builder = DM21RelaxWorkChain.get_builder()
+    builder.relax.code = python_code
+    builder.relax.structure = make_structure(water)
+    builder.relax.checkpoint = checkpoint_node
+    builder.relax.parameters = orm.Dict({'basis': 'sto-3g', 'grid_level': 1, 'conv_tol': 1e-9})
+    builder.relax.relax_parameters = orm.Dict({'max_steps': 2})
+    builder.relax.metadata = {
+        'options': {'max_wallclock_seconds': 1800, 'resources': {'num_machines': 1, 'num_mpiprocs_per_machine': 1}}
+    }
+    builder.max_iterations = orm.Int(6)
+    from aiida.engine import run_get_node
+
+    results, node = run_get_node(builder)
+    assert node.is_finished_ok, (node.exit_status, node.exit_message)
+    jobs = sorted((c for c in node.called if isinstance(c, orm.CalcJobNode)), key=lambda c: c.ctime)
+    assert jobs[0].exit_status == 500 and len(jobs) >= 2
+    assert jobs[1].inputs.structure.pk == jobs[0].outputs.output_structure.pk
+    relaxed = results['output_structure']
+    positions = np.array([site.position for site in relaxed.sites])
+    oh = [np.linalg.norm(positions[i] - positions[0]) for i in (1, 2)]
+    assert abs(oh[0] - oh[1]) < 2e-3 and 0.95 < oh[0] < 1.1  # symmetric, a sensible O-H bond (Angstrom)
+    energies = results['output_trajectory'].get_array('energies')
+    start = jobs[0].outputs.output_trajectory.get_array('energies')[0]
+    assert results['output_parameters']['e_tot'] < start - 1e-4  # relaxing lowered the energy
+    assert results['output_parameters']['e_tot'] == pytest.approx(energies[-1], abs=1e-6)
