@@ -91,7 +91,6 @@ def hydroxyl(network):
 def test_rks_gradient_equals_finite_differences(water, atom, xyz):
     assert isinstance(water.grad, RKSGradients) and water.grad.grid_response
     numerical = water.finite_difference(atom, xyz)
-    print('FD water', atom, xyz, water.de[atom, xyz], numerical, water.de[atom, xyz] - numerical)
     assert abs(water.de[atom, xyz] - numerical) < FD_TOLERANCE, (water.de[atom, xyz], numerical)
 
 
@@ -101,7 +100,6 @@ def test_rks_gradient_equals_finite_differences(water, atom, xyz):
 def test_uks_gradient_equals_finite_differences(hydroxyl, atom, xyz):
     assert isinstance(hydroxyl.grad, UKSGradients)
     numerical = hydroxyl.finite_difference(atom, xyz)
-    print('FD OH', atom, xyz, hydroxyl.de[atom, xyz], numerical, hydroxyl.de[atom, xyz] - numerical)
     assert abs(hydroxyl.de[atom, xyz] - numerical) < FD_TOLERANCE, (hydroxyl.de[atom, xyz], numerical)
 
 
@@ -124,7 +122,6 @@ def test_without_grid_response_the_gradient_is_approximate(water):
     finally:
         water.grad.grid_response = True
     difference = abs(approximate - water.de).max()
-    print('no-grid-response', difference, approximate.sum(0))
     assert 1e-6 < difference < 5e-3, difference  # measured: 2.1e-3 Ha/bohr at grids.level 4 (O z)
     assert abs(approximate.sum(0)).max() > 1e-6
 

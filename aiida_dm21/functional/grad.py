@@ -29,9 +29,10 @@ precision; it is the derivative of the screened energy.  The network's derivativ
 features is its vector-Jacobian product (:meth:`.DM21Network.forward_with_input_grad`), as in the SCF.
 
 ``grid_response`` defaults to True here (PySCF's default is False): without it the gradient misses the
-moving-grid terms, is not translationally invariant (its sum over atoms is of the order of the grid error)
-and is off by ~1e-4 Ha/bohr at grids.level 3; with it the gradient is the derivative of the energy the SCF
-computes, at little extra cost (the three-centre integral derivatives dominate).
+moving-grid terms and is not translationally invariant; for DM21 this is not small (H2O/6-31G, grids.level 4:
+2.1e-3 Ha/bohr on O, the forces summing to 2.1e-3 instead of 0).  With it the gradient is the derivative of
+the energy the SCF computes (central finite differences: within 5e-8 Ha/bohr, ``tests/test_grad.py``), at
+little extra cost.
 """
 
 from __future__ import annotations
