@@ -48,6 +48,9 @@ def _scf(mol, network, dm0=None, level=4, **options):
     """A converged float64 DM21 SCF, tight enough for finite differences of its energy."""
     mf = (RKS if mol.spin == 0 else UKS)(mol, copy.deepcopy(network), network_dtype=torch.float64, **options)
     mf.grids.level = level
+    # no pruning by density: the pruned grid would depend on each displaced geometry's density (a jump in the
+    # energy of up to ~1e-8 Ha between the finite-difference points), and OH's UKS then stalls above 1e-10
+    mf.small_rho_cutoff = 1e-20
     mf.conv_tol, mf.conv_tol_grad = 1e-10, 1e-6
     mf.kernel(dm0=dm0)
     assert mf.converged
