@@ -143,7 +143,8 @@ def prepare_system_files(
     folder.mkdir(parents=True, exist_ok=True)
     mol = frame_molecule(system.atom, system.basis)
     grids = build_grids(mol, grid_level)
-    ngrid, nao, n_omega = len(grids.weights), mol.nao, len(omegas)
+    # plain ints: PySCF 2.3's mol.nao is a numpy integer, which json refuses
+    ngrid, nao, n_omega = int(len(grids.weights)), int(mol.nao), len(omegas)
     arrays = {
         'weights': _open(folder / 'weights.npy', (ngrid,)),
         'feats': _open(folder / 'feats.npy', (ngrid, 11)),
