@@ -236,23 +236,44 @@ class _DM21Mixin:
                 ', '.join(differences),
             )
 
-    def gen_response(self, mo_coeff=None, mo_occ=None, singlet=None, hermi=0, max_memory=None, with_nlc=True):
-        """Coulomb-only orbital response, for ``mf.newton()``.
+    #: The XC part of the orbital response (``mf.newton()``, CPHF): ``'exact'`` is the DM21 kernel by autograd
+    #: (:mod:`.response`, a true Newton method), ``'coulomb'`` leaves it out (cheaper, an approximate Hessian).
+    xc_response: str = 'exact'
 
-        The exact response needs the second derivative of E_xc, which DM21 does not provide (PySCF would
-        hand ``xc`` to libxc).  Newton iterations with this approximate Hessian still converge to the
-        exact stationary point, because the orbital gradient is exact; they only lose some of the
-        quadratic convergence.
+    def gen_response(self, mo_coeff=None, mo_occ=None, singlet=None, hermi=0, max_memory=None, with_nlc=True):
+        """The orbital response for ``mf.newton()``: J of the trial density plus the exact DM21 XC kernel.
+
+        The kernel (second derivative of E_xc contracted with the trial density matrix) comes from autograd
+        Hessian-vector products through the network and the local-HF features (:mod:`.response`);
+        ``xc_response = 'coulomb'`` leaves it out (the Newton iterations then converge to the same point, the
+        orbital gradient being exact, only more slowly).  Excited-state (TDDFT) kernels are not implemented.
         """
+        if singlet is not None:
+            raise NotImplementedError('TDDFT response kernels are not implemented for DM21 functionals')
+        if self.xc_response not in ('exact', 'coulomb'):
+            raise ValueError(f"xc_response must be 'exact' or 'coulomb', got {self.xc_response!r}")
+        from .response import xc_kernel_product
+
         mol = self.mol
         unrestricted = not isinstance(self, dft.rks.RKS) or isinstance(self, pyscf_roks.ROKS)
+        mo_coeff = self.mo_coeff if mo_coeff is None else mo_coeff
+        mo_occ = self.mo_occ if mo_occ is None else mo_occ
+        dm0 = np.asarray(self.make_rdm1(mo_coeff, mo_occ))
+        if unrestricted and dm0.ndim == 2:
+            dm0 = np.stack([dm0 * 0.5, dm0 * 0.5])
+        self._grids_ready(mol, dm0)
+        exact = self.xc_response == 'exact'
 
         def vind(dm1):
             dm1 = np.asarray(dm1)
             if unrestricted:
-                vj = self.get_j(mol, dm1[0] + dm1[1], hermi=hermi)
-                return np.stack([vj, vj])
-            return self.get_j(mol, dm1, hermi=hermi)
+                vj = self.get_j(mol, dm1[..., 0, :, :] + dm1[..., 1, :, :], hermi=hermi)
+                v1 = np.stack([vj, vj], axis=-3)
+            else:
+                v1 = self.get_j(mol, dm1, hermi=hermi)
+            if exact:
+                v1 = v1 + xc_kernel_product(self._numint, mol, self.grids, dm0, dm1, restricted=not unrestricted)
+            return v1
 
         return vind
 

@@ -144,7 +144,7 @@ def prepare_system_files(
     mol = frame_molecule(system.atom, system.basis)
     grids = build_grids(mol, grid_level)
     # plain ints: PySCF 2.3's mol.nao is a numpy integer, which json refuses
-    ngrid, nao, n_omega = int(len(grids.weights)), int(mol.nao), len(omegas)
+    ngrid, nao, n_omega = len(grids.weights), int(mol.nao), len(omegas)
     arrays = {
         'weights': _open(folder / 'weights.npy', (ngrid,)),
         'feats': _open(folder / 'feats.npy', (ngrid, 11)),

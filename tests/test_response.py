@@ -1,0 +1,107 @@
+"""The DM21 XC kernel (functional/response.py): against central finite differences of the SCF's own XC
+potential, the symmetry of the Hessian, the orbital response that ``mf.newton()`` uses, and refusals."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from pyscf import gto
+
+from aiida_dm21.functional.response import xc_kernel_product
+from aiida_dm21.functional.scf import RKS, UKS
+
+pytestmark = pytest.mark.core
+
+WATER = 'O 0 0 0.117790; H 0 0.755453 -0.471161; H 0 -0.755453 -0.471161'
+HYDROXYL = 'O 0 0 0; H 0 0 0.97'
+FD_STEP = 1e-3
+# Finite differences of the potential converge as h^2 until trial densities turn negative at far grid points
+# (a kink of rho^(4/3) and |x| in the network input): 2e-4 (RKS) and 4e-4 (UKS) of max|K dm1| at h = 1e-3.
+# A term left out of the kernel (tau, the local-HF features, a factor 2 of the spin channels) is off by O(1).
+FD_RELATIVE_TOLERANCE = 2e-3
+
+
+@pytest.fixture(scope='module')
+def network(upstream_dir):
+    from aiida_dm21.functional.checkpoint import load_network
+
+    return load_network(upstream_dir / 'DM21')[0]
+
+
+def _scf(atom, spin, network, **options):
+    mol = gto.M(atom=atom, spin=spin, basis='sto-3g', verbose=0)
+    mf = (RKS if spin == 0 else UKS)(mol, copy.deepcopy(network), network_dtype=torch.float64, **options)
+    mf.grids.level = 2
+    mf.max_cycle = 4  # any density will do: the kernel is checked where it is evaluated
+    mf.kernel()
+    return mf
+
+
+def _potential(mf, dm):
+    ni = mf._numint
+    if np.ndim(dm) == 2:
+        return ni.nr_rks(mf.mol, mf.grids, mf.xc, dm)[2]
+    return ni.nr_uks(mf.mol, mf.grids, mf.xc, dm)[2]
+
+
+def _trial(shape, seed):
+    rng = np.random.default_rng(seed)
+    dm1 = rng.normal(size=shape) * 0.01
+    return dm1 + np.swapaxes(dm1, -1, -2)
+
+
+@pytest.mark.parametrize(('atom', 'spin'), [(WATER, 0), (HYDROXYL, 1)], ids=['H2O-RKS', 'OH-UKS'])
+def test_kernel_equals_finite_differences_of_the_potential(network, atom, spin):
+    mf = _scf(atom, spin, network, screening=0.0)
+    dm0 = np.asarray(mf.make_rdm1())
+    dm1 = _trial(dm0.shape, seed=1)
+    kernel = xc_kernel_product(mf._numint, mf.mol, mf.grids, dm0, dm1, restricted=spin == 0)
+    fd = (_potential(mf, dm0 + FD_STEP * dm1) - _potential(mf, dm0 - FD_STEP * dm1)) / (2 * FD_STEP)
+    scale = np.abs(fd).max()
+    assert scale > 1e-3  # the kernel is not negligible here: the check can fail
+    assert np.abs(kernel - fd).max() <= FD_RELATIVE_TOLERANCE * scale
+    assert np.allclose(kernel, np.swapaxes(kernel, -1, -2), atol=1e-14)
+
+
+def test_kernel_is_a_symmetric_bilinear_form_and_batches(network):
+    mf = _scf(HYDROXYL, 1, network)
+    dm0 = np.asarray(mf.make_rdm1())
+    a, b = _trial(dm0.shape, seed=2), _trial(dm0.shape, seed=3)
+    both = xc_kernel_product(mf._numint, mf.mol, mf.grids, dm0, np.stack([a, b]), restricted=False)
+    ka = xc_kernel_product(mf._numint, mf.mol, mf.grids, dm0, a, restricted=False)
+    assert both.shape == (2, *dm0.shape)
+    np.testing.assert_allclose(both[0], ka, rtol=0, atol=1e-12)
+    left, right = np.sum(b * both[0]), np.sum(a * both[1])
+    assert abs(left) > 1e-6
+    assert abs(left - right) <= 1e-9 * abs(left)
+
+
+def test_orbital_response_is_coulomb_plus_kernel(network):
+    mf = _scf(WATER, 0, network)
+    dm0 = mf.make_rdm1()
+    dm1 = _trial(dm0.shape, seed=4)
+    vj = mf.get_j(mf.mol, dm1, hermi=1)
+    exact = mf.gen_response(hermi=1)(dm1)
+    kernel = xc_kernel_product(mf._numint, mf.mol, mf.grids, dm0, dm1, restricted=True)
+    np.testing.assert_allclose(exact, vj + kernel, rtol=0, atol=1e-12)
+    mf.xc_response = 'coulomb'
+    np.testing.assert_allclose(mf.gen_response(hermi=1)(dm1), vj, rtol=0, atol=1e-12)
+
+
+def test_response_refusals(network):
+    mf = _scf(WATER, 0, network)
+    with pytest.raises(NotImplementedError, match='TDDFT'):
+        mf.gen_response(singlet=True)
+    mf.xc_response = 'libxc'
+    with pytest.raises(ValueError, match="xc_response must be 'exact' or 'coulomb'"):
+        mf.gen_response()
+    dm0 = np.asarray(mf.make_rdm1())
+    with pytest.raises(ValueError, match='unrestricted dm0 must be'):
+        xc_kernel_product(mf._numint, mf.mol, mf.grids, dm0, dm0, restricted=False)
+    bad = dm0.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(FloatingPointError, match='non-finite'):
+        xc_kernel_product(mf._numint, mf.mol, mf.grids, dm0, bad, restricted=True)
