@@ -164,3 +164,45 @@ def test_good_options_and_step_codes_pass_validation(python_code):
         ),
     }
     assert PipelineWorkChain.spec().inputs.validate(inputs) is None  # no `code`: every step has its own
+
+
+# --- a held-out SCF that fails: exit 403, with the report of the others -----------------------------------------
+
+
+def finished_workchain(process_label: str, exit_status: int, **outputs: orm.Data) -> orm.WorkChainNode:
+    """A stored, finished WorkChainNode of ``process_label`` that returned ``outputs``."""
+    from aiida.common.links import LinkType
+    from aiida.engine import ProcessState
+
+    node = orm.WorkChainNode()
+    node.set_process_label(process_label)
+    node.store()
+    for label, output in outputs.items():
+        output.store()
+        output.base.links.add_incoming(node, LinkType.RETURN, label)
+    node.set_process_state(ProcessState.FINISHED)
+    node.set_exit_status(exit_status)
+    node.seal()
+    return node
+
+
+def test_a_failed_heldout_scf_fails_the_pipeline_with_403(python_code):
+    """One held-out SCF workchain converged, the other failed for good (400): the report holds the converged one,
+    the pipeline ends with ERROR_SCF naming the other."""
+    from aiida.engine.utils import instantiate_process
+    from aiida.manage import get_manager
+
+    process = instantiate_process(get_manager().get_runner(), PipelineWorkChain, code=python_code)
+    metrics = {'before': {'heldout': {'mae_fc_mha': 2.0}}, 'after': {'heldout': {'mae_fc_mha': 1.0}}}
+    process.ctx.train = finished_workchain('DM21TrainWorkChain', 0, metrics=orm.Dict(metrics))
+    process.ctx.scf_trained_Li = finished_workchain(
+        'DM21ScfWorkChain', 0, output_parameters=orm.Dict({'e_tot': -7.4, 'converged': True, 'cycles': 9})
+    )
+    process.ctx.scf_initial_Li = finished_workchain('DM21ScfWorkChain', 400)
+    process.ctx.scf_keys = ['scf_trained_Li', 'scf_initial_Li']
+    result = process.make_report()
+    assert result.status == 403 and result.message.startswith('The held-out SCF failed for: scf_initial_Li')
+    assert PipelineWorkChain.exit_codes.ERROR_SCF.status == 403
+    report = process.outputs['report'].get_dict()
+    assert report['scf'] == {'scf_trained_Li': {'e_tot': -7.4, 'converged': True, 'cycles': 9}}
+    assert report['training'] == metrics
