@@ -174,8 +174,13 @@ def launch(
         return
 
     logging.getLogger('aiida').setLevel('REPORT')
-    with console.status(f'dm21.pipeline {what}: running in this process ...'):
-        results, node = run_in_foreground(builder)
+    from aiida.common.exceptions import ValidationError
+
+    try:
+        with console.status(f'dm21.pipeline {what}: running in this process ...'):
+            results, node = run_in_foreground(builder)
+    except (ValueError, ValidationError) as exc:  # refused when the process was made (checked above already)
+        raise click.ClickException(f'the inputs were refused: {exc}') from exc
     if node.is_killed:
         raise Interrupted(f'interrupted: dm21.pipeline<{node.pk}> was killed; see `verdi process report {node.pk}`')
     if not node.is_finished_ok:

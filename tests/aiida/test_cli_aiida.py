@@ -182,6 +182,24 @@ def test_pipeline_launch_daemon_needs_a_broker(cli, python_code):
     assert orm.QueryBuilder().append(orm.WorkChainNode).count() == workchains
 
 
+def test_pipeline_launch_foreground_reports_a_failed_step(cli, python_code, aiida_code_installed):
+    """In this process, with a reference code that fails every job: exit 401 from the pipeline, said in one line."""
+    broken = aiida_code_installed(label='no-python', filepath_executable='/bin/false')
+    result = cli(
+        'pipeline', 'launch', '--code', python_code.pk, '--reference-code', broken.pk, '--walltime', 'reference=120'
+    )
+    assert result.exit_code == 1, result.output
+    node = last_workchain()
+    while node is not None and node.caller is not None:
+        node = node.caller
+    assert node is not None and node.process_label == 'PipelineWorkChain' and node.exit_status == 401
+    assert f'dm21.pipeline<{node.pk}> failed: exit 401 The reference data workchain failed.' in result.output
+    references = [job for child in node.called for job in child.called]
+    assert references and all(job.inputs.code.pk == broken.pk for job in references)
+    assert all(job.get_option('max_wallclock_seconds') == 120 for job in references)
+    assert not any(child.process_label == 'DM21TrainWorkChain' for child in node.called)
+
+
 # --- checkpoint list | show | export -----------------------------------------------------------------------
 
 
