@@ -295,3 +295,8 @@ main.add_command(checkpoint)
 from .scf import scf as _scf  # noqa: E402 (`scf launch`: needs aiida-core, imported lazily inside)
 
 main.add_command(_scf)
+
+
+from .pipeline import pipeline as _pipeline  # noqa: E402 (`pipeline launch`: needs aiida-core, imported lazily inside)
+
+main.add_command(_pipeline)

@@ -365,8 +365,8 @@ def kill_started(runner, processes: t.Sequence[t.Any], message: str) -> None:
             node.seal()
 
 
-def _submit(builder, what: str) -> None:
-    """Submit to the daemon and say how to follow the workchain."""
+def _submit(builder, what: str, label: str = 'dm21.scf') -> None:
+    """Submit to the daemon and say how to follow the workchain (``label``: its entry point, for the message)."""
     from aiida import engine
     from aiida.engine.daemon.client import get_daemon_client
 
@@ -377,7 +377,7 @@ def _submit(builder, what: str) -> None:
             f'cannot submit to the daemon: {type(exc).__name__}: {exc}\n'
             'run without --daemon to run in this process, or configure a broker (`verdi profile configure-broker`)'
         ) from exc
-    click.echo(f'submitted dm21.scf<{node.pk}> {what}')
+    click.echo(f'submitted {label}<{node.pk}> {what}')
     click.echo(f'follow it with: verdi process status {node.pk}   |   verdi process report {node.pk}')
     click.echo(f'results: verdi process show {node.pk}')
     try:

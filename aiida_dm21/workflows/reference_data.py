@@ -24,6 +24,7 @@ from aiida_dm21.data.dataset import DM21DatasetData
 from aiida_dm21.reference.constants import ReferenceInputError  # no PySCF: frame_molecule is imported when used
 from aiida_dm21.reference.sets import SPECIES_SETS
 from aiida_dm21.runner.reference import unconverged_steps
+from aiida_dm21.workflows.options import options_validator, set_options
 
 __all__ = ('ReferenceDataWorkChain', 'link_label', 'structure_from_atom', 'structure_from_atoms')
 
@@ -278,7 +279,9 @@ class ReferenceDataWorkChain(WorkChain):
             'options',
             valid_type=orm.Dict,
             required=False,
-            help='metadata.options for every dm21.reference CalcJob (resources, walltime...).',
+            validator=options_validator(DM21ReferenceCalculation, 'options'),
+            help='metadata.options for every dm21.reference CalcJob (resources, max_wallclock_seconds, queue_name, '
+            'account, ...); an unknown key is refused when the workchain is launched.',
         )
         spec.input(
             'iterations',
@@ -327,7 +330,7 @@ class ReferenceDataWorkChain(WorkChain):
                     **(self.inputs.iterations.get_dict() if 'iterations' in self.inputs else {}),
                 }
             )
-            builder.metadata.options = options
+            set_options(builder.metadata.options, options)
             builder.metadata.call_link_label = 'reference_' + link_label(item['label'])
             futures[item['label']] = self.submit(builder)
             self.report(f'submitted {item["label"]}: dm21.reference<{futures[item["label"]].pk}>')

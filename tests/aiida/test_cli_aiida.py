@@ -1,5 +1,6 @@
-"""The AiiDA commands of ``aiida-dm21`` (``scf launch``, ``checkpoint list|show|export``, ``weights --store``) and
-``verdi data dm21.checkpoint``, with click's CliRunner inside the test profile that the fixtures loaded.
+"""The AiiDA commands of ``aiida-dm21`` (``scf launch``, ``pipeline launch``, ``checkpoint list|show|export``,
+``weights --store``) and ``verdi data dm21.checkpoint``, with click's CliRunner inside the test profile that the
+fixtures loaded.
 
 One real run (H2, STO-3G, grid level 0); every other case fails before anything is stored or run.
 """
@@ -117,6 +118,86 @@ def test_resolve_structure(tmp_path, make_structure):
     xyz.write_text('Li 0 0\n')
     with pytest.raises(click.ClickException, match='atom line 1'):
         resolve_structure(str(xyz))
+
+
+# --- pipeline launch --------------------------------------------------------------------------------------
+
+
+def test_pipeline_launch_help(cli):
+    result = cli('pipeline', 'launch', '--help')
+    assert result.exit_code == 0, result.output
+    for option in ('--code', '--train-code', '--daemon', '--walltime [STEP=]SECONDS', '--queue [STEP=]NAME'):
+        assert option in result.output
+    assert 'STEP=VALUE for one of reference, train, scf' in result.output
+
+
+def test_pipeline_launch_builds_per_step_options(cli, python_code, monkeypatch):
+    """Values for every step, then a step's own: what the pipeline gets (the submission itself is replaced)."""
+    from aiida_dm21.cli import pipeline as pipeline_cli
+
+    submitted: dict = {}
+    monkeypatch.setattr(pipeline_cli, '_submit', lambda builder, what, label: submitted.update(builder=builder))
+    result = cli(
+        'pipeline', 'launch', '--code', python_code.pk, '--daemon', '--epochs', 2,
+        '--walltime', 3600, '--walltime', 'train=86400', '--queue', 'short', '--queue', 'train=gpu',
+        '--account', 'scf=proj42', '--num-mpiprocs', 'train=4',
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    builder = submitted['builder']
+    assert builder.code.pk == python_code.pk and 'train_code' not in builder
+    assert builder.training.get_dict() == {'epochs': 2, 'learning_rate': 1e-4}
+    assert builder.reference_options.get_dict() == {'max_wallclock_seconds': 3600, 'queue_name': 'short'}
+    assert builder.train_options.get_dict() == {
+        'max_wallclock_seconds': 86400,
+        'queue_name': 'gpu',
+        'resources': {'num_machines': 1, 'num_mpiprocs_per_machine': 4},
+    }
+    assert builder.scf_options.get_dict() == {'max_wallclock_seconds': 3600, 'queue_name': 'short', 'account': 'proj42'}
+
+
+@pytest.mark.parametrize(
+    ('args', 'exit_code', 'message'),
+    [
+        (['--walltime', 'relax=60'], 2, "unknown step 'relax' in 'relax=60'; steps: reference, train, scf"),
+        (['--walltime', 'train=0'], 2, '0 is not in the range x>=1'),
+        (['--train-set', 'no_such_set'], 1, "the inputs were refused: `train_set`: unknown set 'no_such_set'"),
+        (['--scf-code', 'no-such-code'], 1, "no code 'no-such-code'"),
+    ],
+)
+def test_pipeline_launch_bad_input(cli, python_code, count_nodes, args, exit_code, message):
+    before = count_nodes()
+    result = cli('pipeline', 'launch', '--code', python_code.pk, *args)
+    assert result.exit_code == exit_code, result.output
+    assert message in result.output
+    assert 'Traceback' not in result.output
+    assert count_nodes() == before
+
+
+def test_pipeline_launch_daemon_needs_a_broker(cli, python_code):
+    """The test profile has no broker: a clear error, and no workchain node left behind."""
+    workchains = orm.QueryBuilder().append(orm.WorkChainNode).count()
+    result = cli('pipeline', 'launch', '--code', python_code.pk, '--walltime', 600, '--daemon')
+    assert result.exit_code == 1
+    assert 'cannot submit to the daemon' in result.output and 'run without --daemon' in result.output
+    assert orm.QueryBuilder().append(orm.WorkChainNode).count() == workchains
+
+
+def test_pipeline_launch_foreground_reports_a_failed_step(cli, python_code, aiida_code_installed):
+    """In this process, with a reference code that fails every job: exit 401 from the pipeline, said in one line."""
+    broken = aiida_code_installed(label='no-python', filepath_executable='/bin/false')
+    result = cli(
+        'pipeline', 'launch', '--code', python_code.pk, '--reference-code', broken.pk, '--walltime', 'reference=120'
+    )
+    assert result.exit_code == 1, result.output
+    node = last_workchain()
+    while node is not None and node.caller is not None:
+        node = node.caller
+    assert node is not None and node.process_label == 'PipelineWorkChain' and node.exit_status == 401
+    assert f'dm21.pipeline<{node.pk}> failed: exit 401 The reference data workchain failed.' in result.output
+    references = [job for child in node.called for job in child.called]
+    assert references and all(job.inputs.code.pk == broken.pk for job in references)
+    assert all(job.get_option('max_wallclock_seconds') == 120 for job in references)
+    assert not any(child.process_label == 'DM21TrainWorkChain' for child in node.called)
 
 
 # --- checkpoint list | show | export -----------------------------------------------------------------------
