@@ -295,3 +295,10 @@ main.add_command(checkpoint)
 from .scf import scf as _scf  # noqa: E402 (`scf launch`: needs aiida-core, imported lazily inside)
 
 main.add_command(_scf)
+
+
+from .reference import reference as _reference  # noqa: E402 (`reference launch`: aiida-core imported lazily inside)
+from .train import train as _train  # noqa: E402 (`train launch`: aiida-core imported lazily inside)
+
+main.add_command(_reference)
+main.add_command(_train)
