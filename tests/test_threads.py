@@ -69,7 +69,13 @@ def _subprocess_env(**variables: str) -> dict[str, str]:
 )
 def test_the_first_set_variable_decides(environ, source, granted):
     record = thread_count(environ)
-    assert record == {'count': granted, 'source': source, 'granted': granted, 'available': available_cpus()}
+    assert record == {
+        'count': granted,
+        'source': source,
+        'granted': granted,
+        'available': available_cpus(),
+        'processes': 1,
+    }
 
 
 def test_no_variable_keeps_the_library_defaults():
@@ -82,6 +88,16 @@ def test_never_more_than_the_cpus_of_the_process():
     record = thread_count({'SLURM_CPUS_PER_TASK': '4096'})
     assert record['granted'] == 4096 and record['count'] == available_cpus() == len(os.sched_getaffinity(0))
     assert f'capped to the {available_cpus()} CPUs' in thread_summary(record)
+
+
+def test_data_parallel_processes_share_the_threads(monkeypatch):
+    """torchrun's processes on one node split the grant (at least one thread each), never multiply it."""
+    monkeypatch.setattr('aiida_dm21.runner.common.available_cpus', lambda: 16)
+    assert thread_count({'SLURM_CPUS_PER_TASK': '16'}, processes=4)['count'] == 4
+    assert thread_count({'SLURM_CPUS_PER_TASK': '64'}, processes=4)['count'] == 4  # capped first, then shared
+    record = thread_count({'SLURM_CPUS_PER_TASK': '2'}, processes=4)
+    assert record['count'] == 1 and record['processes'] == 4
+    assert 'shared by 4 processes: 1 each' in thread_summary(record)
 
 
 @pytest.mark.parametrize('value', GARBAGE)
@@ -129,6 +145,7 @@ def test_reference_runner_sets_and_records_pyscf_threads(tmp_path):
         'source': 'SLURM_CPUS_PER_TASK',
         'granted': 1,
         'available': available_cpus(),
+        'processes': 1,
         'libraries': {'pyscf': 1},
     }
     assert 'threads: SLURM_CPUS_PER_TASK=1 (pyscf 1)' in done.stdout
@@ -225,3 +242,32 @@ def test_training_runner_refuses_a_garbage_count(value, tmp_path, monkeypatch, c
     assert payload['error']['category'] == 'unsupported_input'
     assert f'SLURM_CPUS_PER_TASK={value!r}, which is not a positive integer' in payload['error']['message']
     assert payload['threads'] is None and not (tmp_path / 'metrics.json').exists()
+
+
+@pytest.fixture
+def restore_threads():
+    """The thread counts of this test process, put back after an in-process runner set them."""
+    import numba
+    import torch
+    from pyscf import lib
+
+    saved = torch.get_num_threads(), numba.get_num_threads(), lib.num_threads()
+    yield
+    torch.set_num_threads(saved[0])
+    numba.set_num_threads(saved[1])
+    lib.num_threads(saved[2])
+
+
+def test_training_runner_shares_the_threads_between_torchrun_processes(
+    tmp_path, monkeypatch, clean_env, restore_threads
+):
+    """LOCAL_WORLD_SIZE=2 (torchrun) with SLURM_CPUS_PER_TASK=2: one thread per process, also in error.json."""
+    from aiida_dm21.training.train import EXIT_BAD_INPUT, main
+
+    monkeypatch.setenv('SLURM_CPUS_PER_TASK', '2')
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    path = _write(tmp_path, 'config.json', {'hyperparameters': {'epochs': 1}, 'datasets': ['none.npz']})
+    assert main([str(path)]) == EXIT_BAD_INPUT  # no such dataset: refused after the threads were set
+    threads = json.loads((tmp_path / 'error.json').read_text())['threads']
+    assert threads['processes'] == 2 and threads['count'] == 1 and threads['source'] == 'SLURM_CPUS_PER_TASK'
+    assert threads['libraries'] == {'torch': 1, 'numba': 1, 'pyscf': 1}

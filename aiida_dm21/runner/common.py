@@ -70,13 +70,15 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def thread_count(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The thread count the scheduler granted: ``{"count", "source", "granted", "available"}``.
+def thread_count(environ: Mapping[str, str] | None = None, processes: int = 1) -> dict[str, Any]:
+    """The thread count the scheduler granted: ``{"count", "source", "granted", "available", "processes"}``.
 
     The first variable of :data:`THREAD_VARIABLES` that is set (and not empty) decides; ``OMP_NUM_THREADS`` may
     be an OpenMP list (``"8,2"``), whose first level counts.  ``count`` is that number, but never more than the
-    CPUs this process may use (``available``; ``granted`` keeps the asked number).  With none set, ``count`` is
-    ``None`` and ``source`` is ``"default"``: the libraries keep their own defaults.
+    CPUs this process may use (``available``; ``granted`` keeps the asked number), shared out between the
+    ``processes`` of the job on this node (data-parallel training: ``torchrun``'s ``LOCAL_WORLD_SIZE``), at
+    least 1 each.  With none set, ``count`` is ``None`` and ``source`` is ``"default"``: the libraries keep
+    their own defaults.
 
     :raises ThreadCountError: the deciding variable is not a positive integer (``abc``, ``0``, ``-2``, ``2.5``):
         the job asked for something, and guessing what would silently over- or under-use the node.
@@ -94,12 +96,19 @@ def thread_count(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
                 'threads: fix the scheduler resources or the job script (prepend_text), or unset it'
             )
         granted = int(text)
-        return {'count': min(granted, available), 'source': name, 'granted': granted, 'available': available}
-    return {'count': None, 'source': 'default', 'granted': None, 'available': available}
+        count = max(1, min(granted, available) // max(1, processes))
+        return {
+            'count': count,
+            'source': name,
+            'granted': granted,
+            'available': available,
+            'processes': processes,
+        }
+    return {'count': None, 'source': 'default', 'granted': None, 'available': available, 'processes': processes}
 
 
 def apply_thread_count(
-    libraries: Sequence[str] = THREAD_LIBRARIES, environ: Mapping[str, str] | None = None
+    libraries: Sequence[str] = THREAD_LIBRARIES, environ: Mapping[str, str] | None = None, processes: int = 1
 ) -> dict[str, Any]:
     """Set the threads of ``libraries`` (``torch``, ``numba``, ``pyscf``) to what the scheduler granted.
 
@@ -110,7 +119,7 @@ def apply_thread_count(
 
     :raises ThreadCountError: see :func:`thread_count`.
     """
-    record = thread_count(environ)
+    record = thread_count(environ, processes)
     count = record['count']
     found: dict[str, int | None] = {}
     for library in libraries:
@@ -144,10 +153,12 @@ def thread_summary(record: Mapping[str, Any]) -> str:
     libraries = ', '.join(f'{name} {value}' for name, value in record.get('libraries', {}).items())
     if record['count'] is None:
         origin = f'no scheduler variable set ({", ".join(THREAD_VARIABLES)}): library defaults'
-    elif record['granted'] > record['count']:
-        origin = f'{record["source"]}={record["granted"]}, capped to the {record["available"]} CPUs of this process'
     else:
         origin = f'{record["source"]}={record["granted"]}'
+        if record['granted'] > record['available']:
+            origin += f', capped to the {record["available"]} CPUs of this process'
+        if record.get('processes', 1) > 1:
+            origin += f', shared by {record["processes"]} processes: {record["count"]} each'
     return f'threads: {origin}' + (f' ({libraries})' if libraries else '')
 
 

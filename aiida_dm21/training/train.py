@@ -16,7 +16,8 @@ with a category of :data:`ERROR_CATEGORIES` (a NaN loss is ``non_finite_loss``),
 
 Threads: PyTorch, numba and PySCF get what the scheduler granted (``SLURM_CPUS_PER_TASK``, ``PBS_NUM_PPN``,
 ``NCPUS``, then ``OMP_NUM_THREADS``; :func:`~aiida_dm21.runner.common.apply_thread_count`), set before anything
-else; a count that is not a positive integer is refused as ``unsupported_input``.
+else and shared out between ``torchrun``'s processes on the node (``LOCAL_WORLD_SIZE``); a count that is not a
+positive integer is refused as ``unsupported_input``.
 
 Exit status: 0 trained, 4 interrupted (state saved), 3 non-finite loss, 2 bad input or input format, 1 other.
 
@@ -581,6 +582,12 @@ def _train_job(config_path: Path, workdir: Path, versions: dict[str, str], threa
     return 0
 
 
+def _local_processes() -> int:
+    """How many training processes share this node: ``torchrun``'s ``LOCAL_WORLD_SIZE``, else 1."""
+    text = os.environ.get('LOCAL_WORLD_SIZE', '1').strip()
+    return int(text) if text.isascii() and text.isdigit() and int(text) >= 1 else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Compute-node entry point: ``python -m aiida_dm21.training.train config.json`` in the working folder."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -597,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads: dict[str, Any] | None = None
     try:
         try:
-            threads = apply_thread_count()
+            threads = apply_thread_count(processes=_local_processes())
         except ThreadCountError as exc:
             raise _InputError('unsupported_input', str(exc)) from exc
         print(thread_summary(threads), flush=True)
