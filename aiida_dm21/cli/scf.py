@@ -410,3 +410,8 @@ def submit_to_daemon(builder, label: str, what: str) -> orm.ProcessNode:
     if not running:
         console.print('[yellow]the daemon is not running[/yellow]: start it with `verdi daemon start`')
     return node
+
+
+def _submit(builder, what: str) -> None:
+    """The ``dm21.scf`` submission under its earlier name (kept for callers of it): :func:`submit_to_daemon`."""
+    submit_to_daemon(builder, 'dm21.scf', what)
