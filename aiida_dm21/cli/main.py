@@ -300,3 +300,9 @@ main.add_command(_scf)
 from .pipeline import pipeline as _pipeline  # noqa: E402 (`pipeline launch`: needs aiida-core, imported lazily inside)
 
 main.add_command(_pipeline)
+
+from .reference import reference as _reference  # noqa: E402 (`reference launch`: aiida-core imported lazily inside)
+from .train import train as _train  # noqa: E402 (`train launch`: aiida-core imported lazily inside)
+
+main.add_command(_reference)
+main.add_command(_train)

@@ -24,7 +24,7 @@ from rich.console import Console
 
 from .aiida_cmds import PROFILE
 from .aiida_support import console, load_profile
-from .scf import Interrupted, _submit, resolve_code, resolve_functional, run_in_foreground
+from .scf import Interrupted, resolve_code, resolve_functional, run_in_foreground, submit_to_daemon
 
 __all__ = ('RESOURCE_OPTIONS', 'STEP_NAMES', 'StepValue', 'pipeline', 'step_options')
 
@@ -170,7 +170,7 @@ def launch(
     what = f'{train_set} -> {heldout_set} ({basis})'
 
     if daemon:
-        _submit(builder, what, label='dm21.pipeline')
+        submit_to_daemon(builder, 'dm21.pipeline', what)
         return
 
     logging.getLogger('aiida').setLevel('REPORT')

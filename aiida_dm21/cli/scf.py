@@ -24,7 +24,16 @@ if t.TYPE_CHECKING:
 
     from ..data.checkpoint import DM21CheckpointData
 
-__all__ = ('resolve_functional', 'resolve_structure', 'scf')
+__all__ = (
+    'Interrupted',
+    'resolve_code',
+    'resolve_functional',
+    'resolve_structure',
+    'run_checked',
+    'run_in_foreground',
+    'scf',
+    'submit_to_daemon',
+)
 
 
 def read_xyz(path: Path) -> list[tuple[str, list[float]]]:
@@ -198,8 +207,6 @@ def launch(
     """Run a dm21.scf workchain on STRUCTURE: a molecule name (water, h2, h, ch3, ne), an xyz file or a
     StructureData pk."""
     load_profile(profile)
-    from aiida.common.exceptions import ValidationError
-
     from ..workflows.protocols import ProtocolError
     from ..workflows.scf import DM21ScfWorkChain
 
@@ -235,25 +242,9 @@ def launch(
     what = f'{checkpoint.name}/{parameters["basis"]} {molecule.get_formula()} ({protocol})'
 
     if daemon:
-        _submit(builder, what)
+        submit_to_daemon(builder, 'dm21.scf', what)
         return
-
-    logging.getLogger('aiida').setLevel('REPORT')  # the workchain's reports, e.g. what a restart changes
-    try:
-        with console.status(f'dm21.scf {what}: running in this process ...'):
-            results, node = run_in_foreground(builder)
-    except (ValueError, ValidationError) as exc:  # the inputs were refused before anything ran
-        raise click.ClickException(f'the inputs were refused: {exc}') from exc
-    if node.is_killed:
-        raise Interrupted(
-            f'interrupted: dm21.scf<{node.pk}> was killed, with the calculations it had started; '
-            f'see `verdi process report {node.pk}`'
-        )
-    if not node.is_finished_ok:
-        raise click.ClickException(
-            f'dm21.scf<{node.pk}> failed: exit {node.exit_status} {node.exit_message}; '
-            f'see `verdi process report {node.pk}`'
-        )
+    results, node = run_checked(builder, 'dm21.scf', what)
     output = results['output_parameters'].get_dict()
     Console().print(
         f'dm21.scf<{node.pk}> {what}: E = {output["e_tot"]:.10f} Ha ({output["e_tot_ev"]:.6f} eV), '
@@ -261,6 +252,35 @@ def launch(
         f'{len(node.called)} run(s)',
         soft_wrap=True,
     )
+
+
+def run_checked(builder, label: str, what: str) -> tuple[dict[str, t.Any], orm.ProcessNode]:
+    """Run ``builder`` in this process (:func:`run_in_foreground`) with its reports shown; its outputs and node.
+
+    ``label`` (``dm21.scf``) and ``what`` (a short description) go into the status line and the messages.
+
+    :raises click.ClickException: the inputs were refused, or the process failed (exit status and message).
+    :raises Interrupted: it was killed by Ctrl-C or SIGTERM (exit status 130).
+    """
+    from aiida.common.exceptions import ValidationError
+
+    logging.getLogger('aiida').setLevel('REPORT')  # the workchain's reports, e.g. what a restart changes
+    try:
+        with console.status(f'{label} {what}: running in this process ...'):
+            results, node = run_in_foreground(builder)
+    except (ValueError, ValidationError) as exc:  # the inputs were refused before anything ran
+        raise click.ClickException(f'the inputs were refused: {exc}') from exc
+    if node.is_killed:
+        raise Interrupted(
+            f'interrupted: {label}<{node.pk}> was killed, with the calculations it had started; '
+            f'see `verdi process report {node.pk}`'
+        )
+    if not node.is_finished_ok:
+        raise click.ClickException(
+            f'{label}<{node.pk}> failed: exit {node.exit_status} {node.exit_message}; '
+            f'see `verdi process report {node.pk}`'
+        )
+    return results, node
 
 
 class Interrupted(click.ClickException):
@@ -365,8 +385,11 @@ def kill_started(runner, processes: t.Sequence[t.Any], message: str) -> None:
             node.seal()
 
 
-def _submit(builder, what: str, label: str = 'dm21.scf') -> None:
-    """Submit to the daemon and say how to follow the workchain (``label``: its entry point, for the message)."""
+def submit_to_daemon(builder, label: str, what: str) -> orm.ProcessNode:
+    """Submit ``builder`` to the daemon, print its pk and how to follow it (``label<pk> what``); its node.
+
+    :raises click.ClickException: it cannot be submitted (no broker, broker not reachable ...).
+    """
     from aiida import engine
     from aiida.engine.daemon.client import get_daemon_client
 
@@ -386,3 +409,4 @@ def _submit(builder, what: str, label: str = 'dm21.scf') -> None:
         running = False
     if not running:
         console.print('[yellow]the daemon is not running[/yellow]: start it with `verdi daemon start`')
+    return node

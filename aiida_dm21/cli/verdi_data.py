@@ -1,12 +1,15 @@
-"""``verdi data dm21.checkpoint list|show|export``: the checkpoint commands as a ``verdi data`` plugin.
+"""``verdi data dm21.checkpoint list|show|export`` and ``verdi data dm21.dataset list|show``: ``verdi data`` plugins.
 
-Registered through the ``aiida.cmdline.data`` entry point ``dm21.checkpoint``; the work is done by the same
-functions as ``aiida-dm21 checkpoint list|show|export`` (:mod:`aiida_dm21.cli.aiida_cmds`).  As for every
-``verdi`` command, the profile is the one given to ``verdi -p`` (or the default one).
+Registered through the ``aiida.cmdline.data`` entry points ``dm21.checkpoint`` and ``dm21.dataset``; the
+checkpoint commands do their work with the same functions as ``aiida-dm21 checkpoint list|show|export``
+(:mod:`aiida_dm21.cli.aiida_cmds`).  As for every ``verdi`` command, the profile is the one given to
+``verdi -p`` (or the default one).
 """
 
 from __future__ import annotations
 
+import json
+import typing as t
 from pathlib import Path
 
 import click
@@ -16,9 +19,15 @@ from aiida.cmdline.utils import decorators, echo
 
 from .aiida_cmds import checkpoint_details, checkpoint_table, export_checkpoint, stored_checkpoints
 
-__all__ = ('checkpoint_data',)
+if t.TYPE_CHECKING:
+    from rich.table import Table
+
+    from ..data.dataset import DM21DatasetData
+
+__all__ = ('checkpoint_data', 'dataset_data', 'dataset_details', 'dataset_table', 'stored_datasets')
 
 CHECKPOINT = arguments.DATUM(type=types.DataParamType(sub_classes=('aiida.data:dm21.checkpoint',)))
+DATASET = arguments.DATUM(type=types.DataParamType(sub_classes=('aiida.data:dm21.dataset',)))
 
 
 def _print(renderable) -> None:
@@ -65,3 +74,110 @@ def checkpoint_data_export(datum, path: Path, overwrite: bool) -> None:
         echo.echo_critical(exc.message)
     else:
         echo.echo_success(f'wrote {target}')
+
+
+# --- dm21.dataset -------------------------------------------------------------------------------------------------
+
+
+def stored_datasets(basis: str | None = None, element: str | None = None) -> list[DM21DatasetData]:
+    """The stored ``dm21.dataset`` nodes, oldest first; only those in ``basis`` / holding ``element`` if given."""
+    from aiida import orm
+
+    from ..data.dataset import DM21DatasetData
+
+    builder = orm.QueryBuilder().append(DM21DatasetData, tag='dataset')
+    builder.order_by({'dataset': {'id': 'asc'}})
+    nodes = [row[0] for row in builder.all()]
+    # basis and elements are JSON lists: filtered here, the same way on every storage backend
+    if basis is not None:
+        nodes = [node for node in nodes if basis.lower() in (b.lower() for b in _as_list(node.basis))]
+    if element is not None:
+        nodes = [node for node in nodes if element in _as_list(node.elements)]
+    return nodes
+
+
+def _as_list(value: t.Any) -> list[str]:
+    """An attribute that is a list of names (or one name, or nothing) as a list of strings."""
+    if value is None:
+        return []
+    return [str(item) for item in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+
+def _kinds(node: DM21DatasetData) -> str:
+    return ', '.join(f'{count} {kind}' for kind, count in sorted((node.kinds or {}).items()))
+
+
+def dataset_table(nodes: t.Sequence[DM21DatasetData]) -> Table:
+    """A table of dataset nodes: pk, label, systems and their kinds, elements, basis, method, checksum, created."""
+    from rich.table import Table
+
+    table = Table(title='dm21.dataset nodes')
+    for column in ('pk', 'label', 'systems', 'kinds', 'elements', 'basis', 'method', 'checksum', 'created'):
+        table.add_column(column, justify='right' if column in ('pk', 'systems') else 'left')
+    for node in nodes:
+        table.add_row(
+            str(node.pk),
+            node.label or '',
+            str(node.n_systems),
+            _kinds(node),
+            ' '.join(_as_list(node.elements)),
+            ' '.join(_as_list(node.basis)),
+            ' '.join(_as_list(node.reference_method)),
+            (node.checksum or '')[:12],
+            node.ctime.strftime('%Y-%m-%d %H:%M'),
+        )
+    return table
+
+
+def dataset_details(node: DM21DatasetData) -> Table:
+    """Every attribute of a dataset node (nested values as JSON), with its pk, UUID, file and what made it."""
+    from rich.table import Table
+
+    table = Table(title=f'dm21.dataset<{node.pk}>', show_header=False)
+    table.add_column('key', style='bold')
+    table.add_column('value', overflow='fold')
+    table.add_row('pk', str(node.pk))
+    table.add_row('uuid', node.uuid)
+    table.add_row('created', node.ctime.isoformat(timespec='seconds'))
+    table.add_row('label', node.label or '')
+    table.add_row('created by', _provenance(node))
+    for key, value in sorted(node.base.attributes.all.items()):
+        table.add_row(key, value if isinstance(value, str) else json.dumps(value))
+    return table
+
+
+def _provenance(node: DM21DatasetData) -> str:
+    """``build_fractional_dataset<12> in ReferenceDataWorkChain<7>``, or that nothing recorded made it."""
+    creator = node.creator
+    if creator is None:
+        return '(stored by hand)'
+    text = f'{creator.process_label}<{creator.pk}>'
+    caller = creator.caller
+    return text + (f' in {caller.process_label}<{caller.pk}>' if caller is not None else '')
+
+
+@verdi_data.group('dm21.dataset')
+def dataset_data() -> None:
+    """Work with dm21.dataset nodes (fixed-density training systems from reference calculations)."""
+
+
+@dataset_data.command('list')
+@click.option('--basis', default=None, help='Only datasets in this basis (e.g. 6-31g).')
+@click.option('--element', default=None, help='Only datasets with systems of this element (e.g. Li).')
+@decorators.with_dbenv()
+def dataset_data_list(basis: str | None, element: str | None) -> None:
+    """List the dm21.dataset nodes: pk, label, systems, kinds, elements, basis, method, checksum, creation time."""
+    nodes = stored_datasets(basis, element)
+    if not nodes:
+        filters = ' and '.join(f'{key} {value!r}' for key, value in (('basis', basis), ('element', element)) if value)
+        echo.echo_report('no dm21.dataset nodes' + (f' with {filters}' if filters else ''))
+        return
+    _print(dataset_table(nodes))
+
+
+@dataset_data.command('show')
+@DATASET
+@decorators.with_dbenv()
+def dataset_data_show(datum) -> None:
+    """Show the attributes of a dm21.dataset node (pk, UUID or label)."""
+    _print(dataset_details(datum))

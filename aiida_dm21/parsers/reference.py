@@ -107,6 +107,7 @@ class DM21ReferenceParser(NeverRaisingParser):
             'spec': spec,
             'wall_s': payload.get('wall_s'),
             'versions': payload.get('versions'),
+            'threads': payload.get('threads'),
             'format_version': payload.get('format_version'),
         }
         bad = first_non_finite(parameters)

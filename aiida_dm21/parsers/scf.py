@@ -42,6 +42,7 @@ COPIED_KEYS: tuple[str, ...] = (
     's2_multiplicity',
     'timings',
     'versions',
+    'threads',
     'restarted',
     'exit_status',
 )

@@ -1,20 +1,28 @@
-"""What the compute-node programs share: package versions, the input format check, atomic JSON files (no AiiDA)."""
+"""What the compute-node programs share: package versions, thread counts from the scheduler, the input format check,
+atomic JSON files (no AiiDA)."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import platform
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = (
     'INPUT_FORMAT_VERSION',
+    'THREAD_VARIABLES',
     'InputFileError',
+    'ThreadCountError',
+    'apply_thread_count',
     'check_format_version',
     'package_versions',
     'read_json_object',
+    'thread_count',
+    'thread_summary',
     'write_json',
 )
 
@@ -40,6 +48,118 @@ def package_versions() -> dict[str, str]:
         except Exception:  # a version is information, never a reason to fail
             found[module] = 'unknown'
     return found
+
+
+#: Where the thread count comes from, first found first: Slurm, PBS/Torque (``PBS_NUM_PPN``), PBS Pro (``NCPUS``),
+#: then whatever the job script exported as ``OMP_NUM_THREADS``.
+THREAD_VARIABLES: tuple[str, ...] = ('SLURM_CPUS_PER_TASK', 'PBS_NUM_PPN', 'NCPUS', 'OMP_NUM_THREADS')
+
+#: The libraries :func:`apply_thread_count` sets, in this order.
+THREAD_LIBRARIES: tuple[str, ...] = ('torch', 'numba', 'pyscf')
+
+
+class ThreadCountError(ValueError):
+    """A scheduler variable that should give the thread count is not a positive integer."""
+
+
+def available_cpus() -> int:
+    """How many CPUs this process may run on (its affinity mask; the CPU count where there is no such call)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def thread_count(environ: Mapping[str, str] | None = None, processes: int = 1) -> dict[str, Any]:
+    """The thread count the scheduler granted: ``{"count", "source", "granted", "available", "processes"}``.
+
+    The first variable of :data:`THREAD_VARIABLES` that is set (and not empty) decides; ``OMP_NUM_THREADS`` may
+    be an OpenMP list (``"8,2"``), whose first level counts.  ``count`` is that number, but never more than the
+    CPUs this process may use (``available``; ``granted`` keeps the asked number), shared out between the
+    ``processes`` of the job on this node (data-parallel training: ``torchrun``'s ``LOCAL_WORLD_SIZE``), at
+    least 1 each.  With none set, ``count`` is ``None`` and ``source`` is ``"default"``: the libraries keep
+    their own defaults.
+
+    :raises ThreadCountError: the deciding variable is not a positive integer (``abc``, ``0``, ``-2``, ``2.5``):
+        the job asked for something, and guessing what would silently over- or under-use the node.
+    """
+    environ = os.environ if environ is None else environ
+    available = available_cpus()
+    for name in THREAD_VARIABLES:
+        raw = environ.get(name, '').strip()
+        if not raw:
+            continue
+        text = raw.split(',')[0].strip() if name == 'OMP_NUM_THREADS' else raw
+        if not (text.isascii() and text.isdigit()) or int(text) < 1:
+            raise ThreadCountError(
+                f'the job environment sets {name}={environ[name]!r}, which is not a positive integer number of '
+                'threads: fix the scheduler resources or the job script (prepend_text), or unset it'
+            )
+        granted = int(text)
+        count = max(1, min(granted, available) // max(1, processes))
+        return {
+            'count': count,
+            'source': name,
+            'granted': granted,
+            'available': available,
+            'processes': processes,
+        }
+    return {'count': None, 'source': 'default', 'granted': None, 'available': available, 'processes': processes}
+
+
+def apply_thread_count(
+    libraries: Sequence[str] = THREAD_LIBRARIES, environ: Mapping[str, str] | None = None, processes: int = 1
+) -> dict[str, Any]:
+    """Set the threads of ``libraries`` (``torch``, ``numba``, ``pyscf``) to what the scheduler granted.
+
+    Returns :func:`thread_count`'s record with ``libraries``: every library's thread count after the call (its
+    default when nothing was granted), for the runner's output files.  ``torch`` and ``pyscf`` are imported
+    when named; ``numba`` only if it can be imported (the kernels run without it), and never above its own
+    ``NUMBA_NUM_THREADS`` ceiling (numba refuses more).
+
+    :raises ThreadCountError: see :func:`thread_count`.
+    """
+    record = thread_count(environ, processes)
+    count = record['count']
+    found: dict[str, int | None] = {}
+    for library in libraries:
+        if library == 'torch':
+            import torch
+
+            if count is not None:
+                torch.set_num_threads(count)
+            found['torch'] = int(torch.get_num_threads())
+        elif library == 'numba':
+            try:
+                import numba
+            except ImportError:
+                found['numba'] = None
+                continue
+            if count is not None:
+                numba.set_num_threads(min(count, int(numba.config.NUMBA_NUM_THREADS)))
+            found['numba'] = int(numba.get_num_threads())
+        elif library == 'pyscf':
+            from pyscf import lib
+
+            found['pyscf'] = int(lib.num_threads(count) if count is not None else lib.num_threads())
+        else:
+            raise ValueError(f'unknown library {library!r}: expected some of {", ".join(THREAD_LIBRARIES)}')
+    record['libraries'] = found
+    return record
+
+
+def thread_summary(record: Mapping[str, Any]) -> str:
+    """One line for the job's log: how many threads, from where, and each library's count."""
+    libraries = ', '.join(f'{name} {value}' for name, value in record.get('libraries', {}).items())
+    if record['count'] is None:
+        origin = f'no scheduler variable set ({", ".join(THREAD_VARIABLES)}): library defaults'
+    else:
+        origin = f'{record["source"]}={record["granted"]}'
+        if record['granted'] > record['available']:
+            origin += f', capped to the {record["available"]} CPUs of this process'
+        if record.get('processes', 1) > 1:
+            origin += f', shared by {record["processes"]} processes: {record["count"]} each'
+    return f'threads: {origin}' + (f' ({libraries})' if libraries else '')
 
 
 class InputFileError(ValueError):

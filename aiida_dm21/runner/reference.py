@@ -7,8 +7,10 @@ No AiiDA import.  Reads ``input.json``: ``format_version`` (must be
 :func:`aiida_dm21.reference.integer.run_integer_system` and writes ``arrays.npz``, then ``results.json``
 (each through a temporary file: a present ``results.json`` means complete files).
 
-``results.json`` always holds ``format_version``, ``versions`` (python, numpy, pyscf, torch, aiida_dm21) and
-``error``: ``null``, or ``{"category", "message", "type"}`` with a category of :data:`ERROR_CATEGORIES`.
+``results.json`` always holds ``format_version``, ``versions`` (python, numpy, pyscf, torch, aiida_dm21),
+``threads`` (PySCF's OpenMP threads, from the scheduler: :func:`~aiida_dm21.runner.common.apply_thread_count`;
+``null`` when the job environment's count was refused) and ``error``: ``null``, or ``{"category", "message",
+"type"}`` with a category of :data:`ERROR_CATEGORIES`.
 After a calculation it also holds ``spec``, ``scalars`` (energies in Ha; ``converged`` and
 ``*_converged`` for every iterative step) and ``wall_s``.
 
@@ -26,9 +28,12 @@ from typing import Any
 
 from aiida_dm21.runner.common import (
     InputFileError,
+    ThreadCountError,
+    apply_thread_count,
     check_format_version,
     package_versions,
     read_json_object,
+    thread_summary,
     write_json,
 )
 
@@ -40,7 +45,8 @@ RESULTS_FORMAT_VERSION = 1
 
 #: Error categories written to ``results.json["error"]["category"]``.
 ERROR_CATEGORIES: dict[str, str] = {
-    'unsupported_input': 'the input cannot be treated (bad input.json, element, charge/spin, method...)',
+    'unsupported_input': 'the input cannot be treated (bad input.json, element, charge/spin, method, a thread '
+    'count of the job environment that is not a positive integer...)',
     'unsupported_format': 'input.json has a format_version this aiida-dm21 does not read',
     'internal_error': 'an unexpected error in the runner or in PySCF',
 }
@@ -97,9 +103,19 @@ def run(path: Path) -> int:
     """Run the calculation described by ``path``; write the result files next to it; return the exit status."""
     folder = path.parent
     start = time.perf_counter()
-    payload: dict[str, Any] = {'format_version': RESULTS_FORMAT_VERSION, 'error': None, 'versions': package_versions()}
+    payload: dict[str, Any] = {
+        'format_version': RESULTS_FORMAT_VERSION,
+        'error': None,
+        'versions': package_versions(),
+        'threads': None,
+    }
     status = EXIT_FAILED
     try:
+        try:  # PySCF only: a reference job never imports PyTorch
+            payload['threads'] = apply_thread_count(('pyscf',))
+        except ThreadCountError as exc:
+            raise RunnerError('unsupported_input', str(exc)) from exc
+        print(thread_summary(payload['threads']), flush=True)
         data = read_input(path)
         from aiida_dm21.reference.integer import IntegerSpec, ReferenceInputError, run_integer_system
 

@@ -30,6 +30,11 @@ key                    meaning
 ``dispersion``         optional: ``none`` (default) or a D3/D4 name of ``functional.dispersion.VERSIONS``
 =====================  =====================================================================
 
+Before anything else it sets the threads of PyTorch, numba and PySCF from what the scheduler granted
+(:func:`~aiida_dm21.runner.common.apply_thread_count`: ``SLURM_CPUS_PER_TASK``, ``PBS_NUM_PPN``, ``NCPUS``,
+``OMP_NUM_THREADS``); ``results.json["threads"]`` records the count and where it came from.  A count that is
+not a positive integer (``SLURM_CPUS_PER_TASK=abc``) is refused as ``unsupported_input``.
+
 It writes ``results.json`` (always, also after errors) and ``density_matrix.npy`` (whenever an SCF
 cycle ran, converged or not), and logs PySCF's output to stdout.  ``results.json["error"]`` is
 ``null`` or ``{"category", "message", "type"}`` with category one of :data:`ERROR_CATEGORIES`.
@@ -55,7 +60,13 @@ import numpy as np
 
 # the molecule checks live in the core (the SCF objects run them too); the plugin layer imports them from here
 from aiida_dm21.functional.molecule import MIN_DISTANCE_ANGSTROM, basis_ecp, check_geometry, check_occupations
-from aiida_dm21.runner.common import InputFileError, read_json_object
+from aiida_dm21.runner.common import (
+    InputFileError,
+    ThreadCountError,
+    apply_thread_count,
+    read_json_object,
+    thread_summary,
+)
 
 __all__ = [
     'DENSITY_FILE',
@@ -76,7 +87,8 @@ RESULTS_FORMAT_VERSION = 1
 
 #: Error categories written to ``results.json["error"]["category"]``.
 ERROR_CATEGORIES: dict[str, str] = {
-    'unsupported_input': 'the input cannot be treated (bad input.json, basis, spin state, restart density...)',
+    'unsupported_input': 'the input cannot be treated (bad input.json, basis, spin state, restart density, a '
+    'thread count of the job environment that is not a positive integer...)',
     'checkpoint_unreadable': 'the checkpoint file is missing, corrupt or not a DM21 checkpoint',
     'walltime': 'the run stopped before the walltime ran out (signal or deadline); the last density is saved',
     'scf_error': 'the SCF raised an exception',
@@ -471,6 +483,7 @@ def run(input_file: str | Path = 'input.json', workdir: str | Path | None = None
         'error': None,
         'density_file': None,
         'versions': versions(),
+        'threads': None,
         'started': start_wall,
     }
     timings: dict[str, Any] = {}
@@ -478,6 +491,11 @@ def run(input_file: str | Path = 'input.json', workdir: str | Path | None = None
     progress: _Progress | None = None
     mf = None
     try:
+        try:
+            results['threads'] = apply_thread_count()
+        except ThreadCountError as exc:
+            raise RunnerError('unsupported_input', str(exc)) from exc
+        print(thread_summary(results['threads']), flush=True)
         data = read_input(input_path)
         results['input'] = {k: v for k, v in data.items() if k not in ('symbols', 'positions')}
         progress = _Progress(deadline_from(data, start))

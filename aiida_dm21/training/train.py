@@ -7,11 +7,17 @@ the dataset files, the initial checkpoint (optional), the hyper-parameters (:cla
 and optionally ``prepared_folder`` (prepared data, :mod:`.prepared`; default ``prepared/`` in the working
 folder, computed there once and reused by every later epoch and resumed job); the run writes
 ``checkpoint.safetensors``, ``history.npz``, with a ``fractional_evaluation`` ``fractional_curve.png``
-and, last, ``metrics.json`` (with the package ``versions``)
+and, last, ``metrics.json`` (with the package ``versions`` and the ``threads`` record)
 and, every ``save_every`` epochs, a resumable ``state/`` (weights, Adam moments, epoch, step, RNG state,
 best validation weights, history).  Stopped early for the walltime it writes ``interrupted.json`` instead.
-Any failure ends in ``error.json``: ``{"format_version", "versions", "error": {"category", "message", "type"}}``
+Any failure ends in ``error.json``: ``{"format_version", "versions", "threads", "error": {"category", "message",
+"type"}}``
 with a category of :data:`ERROR_CATEGORIES` (a NaN loss is ``non_finite_loss``), never in a bare traceback.
+
+Threads: PyTorch, numba and PySCF get what the scheduler granted (``SLURM_CPUS_PER_TASK``, ``PBS_NUM_PPN``,
+``NCPUS``, then ``OMP_NUM_THREADS``; :func:`~aiida_dm21.runner.common.apply_thread_count`), set before anything
+else and shared out between ``torchrun``'s processes on the node (``LOCAL_WORLD_SIZE``); a count that is not a
+positive integer is refused as ``unsupported_input``.
 
 Exit status: 0 trained, 4 interrupted (state saved), 3 non-finite loss, 2 bad input or input format, 1 other.
 
@@ -41,6 +47,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +57,14 @@ from ..functional.checkpoint import load_network, save_checkpoint
 from ..functional.model import DM21Config, DM21Network
 from ..reference.dataset import load_dataset
 from ..reference.fractional import TrainingSystem
-from ..runner.common import check_format_version, package_versions, write_json
+from ..runner.common import (
+    ThreadCountError,
+    apply_thread_count,
+    check_format_version,
+    package_versions,
+    thread_summary,
+    write_json,
+)
 from .config import ERROR_FILE, TrainConfig, learning_rate_at
 from .loss import self_consistency_delta
 from .prepared import PreparedData, PreparedDataError, compact_energy, evaluate_fast, prepare_dataset
@@ -81,7 +95,8 @@ system_energy = compact_energy
 
 #: Error categories written to ``error.json["error"]["category"]``.
 ERROR_CATEGORIES: dict[str, str] = {
-    'unsupported_input': 'config.json, a hyper-parameter, a dataset or the initial checkpoint cannot be used',
+    'unsupported_input': 'config.json, a hyper-parameter, a dataset, the initial checkpoint or the thread count '
+    'of the job environment cannot be used',
     'unsupported_format': 'config.json has a format_version this aiida-dm21 does not read',
     'non_finite_loss': 'the loss of a training system became NaN or infinite',
     'internal_error': 'an unexpected error in the training',
@@ -524,7 +539,7 @@ def _init_distributed(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def _train_job(config_path: Path, workdir: Path, versions: dict[str, str]) -> int:
+def _train_job(config_path: Path, workdir: Path, versions: dict[str, str], threads: dict[str, Any]) -> int:
     spec, config = _read_config(config_path)
     config = _init_distributed(config)
     systems, heldout, initial = _load_inputs(spec, workdir)
@@ -546,7 +561,7 @@ def _train_job(config_path: Path, workdir: Path, versions: dict[str, str]) -> in
     if rank > 0:  # process 0 writes the results
         return EXIT_INTERRUPTED if result.interrupted else 0
     if result.interrupted:
-        done = {'epochs_done': len(result.history['epoch']), 'versions': versions}
+        done = {'epochs_done': len(result.history['epoch']), 'versions': versions, 'threads': threads}
         write_json(workdir / 'interrupted.json', done)
         return EXIT_INTERRUPTED
     training = {'hyperparameters': dataclasses.asdict(config), 'grid': result.grid}
@@ -562,8 +577,15 @@ def _train_job(config_path: Path, workdir: Path, versions: dict[str, str]) -> in
     with tmp.open('wb') as handle:
         np.savez(handle, **result.history)
     tmp.replace(workdir / 'history.npz')
-    write_json(workdir / 'metrics.json', {**result.metrics, 'versions': versions})  # last: the others are complete
+    # last: the others are complete
+    write_json(workdir / 'metrics.json', {**result.metrics, 'versions': versions, 'threads': threads})
     return 0
+
+
+def _local_processes() -> int:
+    """How many training processes share this node: ``torchrun``'s ``LOCAL_WORLD_SIZE``, else 1."""
+    text = os.environ.get('LOCAL_WORLD_SIZE', '1').strip()
+    return int(text) if text.isascii() and text.isdigit() and int(text) >= 1 else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -579,8 +601,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepared.unlink()
     prepared.mkdir(exist_ok=True)
     versions = package_versions()
+    threads: dict[str, Any] | None = None
     try:
-        return _train_job(config_path, workdir, versions)
+        try:
+            threads = apply_thread_count(processes=_local_processes())
+        except ThreadCountError as exc:
+            raise _InputError('unsupported_input', str(exc)) from exc
+        print(thread_summary(threads), flush=True)
+        return _train_job(config_path, workdir, versions, threads)
     except PreparedDataError as exc:
         error = {'category': 'unsupported_input', 'message': str(exc), 'type': type(exc).__name__}
         status = EXIT_BAD_INPUT
@@ -602,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if _distributed()[0] > 0:  # in a data-parallel run process 0 writes error.json; the others only say why
         print(f'aiida-dm21 training (rank {_distributed()[0]}): {error["message"]}', file=sys.stderr, flush=True)
         return status
-    write_json(workdir / ERROR_FILE, {'format_version': 1, 'versions': versions, 'error': error})
+    write_json(workdir / ERROR_FILE, {'format_version': 1, 'versions': versions, 'threads': threads, 'error': error})
     print(f'aiida-dm21 training: {error["category"]}: {error["message"]}', file=sys.stderr, flush=True)
     return status
 

@@ -136,7 +136,7 @@ def test_pipeline_launch_builds_per_step_options(cli, python_code, monkeypatch):
     from aiida_dm21.cli import pipeline as pipeline_cli
 
     submitted: dict = {}
-    monkeypatch.setattr(pipeline_cli, '_submit', lambda builder, what, label: submitted.update(builder=builder))
+    monkeypatch.setattr(pipeline_cli, 'submit_to_daemon', lambda builder, *_: submitted.update(builder=builder))
     result = cli(
         'pipeline', 'launch', '--code', python_code.pk, '--daemon', '--epochs', 2,
         '--walltime', 3600, '--walltime', 'train=86400', '--queue', 'short', '--queue', 'train=gpu',
