@@ -187,8 +187,7 @@ PARAMETERS: dict[str, Parameter] = {
     'newton': Parameter(
         (bool,),
         False,
-        'second-order (Newton) SCF solver; its Hessian leaves out the XC kernel (DM21 has no second derivatives), '
-        'the converged result is the same',
+        'second-order (Newton) SCF solver with the exact orbital Hessian (J + the DM21 XC kernel by autograd)',
     ),
 }
 

@@ -20,7 +20,7 @@ key                    meaning
 ``open_shell_direction`` optional, open-shell atoms: ``"lowest"`` or ``[x, y, z]`` (see functional.atoms)
 ``level_shift``        level shift (Ha)
 ``damp``               Fock damping factor for the first 3 cycles (DIIS starts at cycle 4)
-``newton``             second-order (Newton) solver, Coulomb-only approximate Hessian
+``newton``             second-order (Newton) solver with the exact DM21 XC kernel (autograd, functional/response.py)
 ``checkpoint``         checkpoint file name (``checkpoint.safetensors``)
 ``restart_density``    optional ``.npy`` density matrix to start from
 ``walltime_seconds``   optional: stop cleanly (saving the density) before this much time
@@ -294,7 +294,7 @@ def make_scf(mol, data: dict[str, Any], checkpoint: Path):
     if data.get('max_memory_mb'):
         mf.max_memory = float(data['max_memory_mb'])
     if data.get('newton'):
-        mf = mf.newton()  # the core gives DM21 a Coulomb-only response: an approximate Hessian, exact gradient
+        mf = mf.newton()  # exact orbital Hessian: J + the DM21 XC kernel by autograd (functional/response.py)
     return mf, scf_type
 
 
