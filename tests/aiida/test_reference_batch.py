@@ -195,3 +195,100 @@ def test_bad_batching_inputs_are_refused(reference_code, count_nodes, name, valu
         _reference_data(reference_code, **{name: orm.Int(value)})
     assert message in str(info.value)
     assert count_nodes() == before
+
+
+# --- the parser on a real batch output, broken by hand: a bad species never sinks the others -----------------
+
+NAN = float('nan')
+
+
+@pytest.fixture(scope='module')
+def batch_output(tmp_path_factory):
+    """A real batch (H+, H, He+; FCI/6-31G) written by the runner, in-process."""
+    from aiida_dm21.runner.common import INPUT_FORMAT_VERSION
+    from aiida_dm21.runner.reference import run
+
+    folder = tmp_path_factory.mktemp('batch') / 'job'
+    folder.mkdir()
+    species = [
+        {key: item[key] for key in ('label', 'symbols', 'positions', 'charge')} | {'spin': item['multiplicity'] - 1}
+        for item in (H_PLUS, H, HE_PLUS)
+    ]
+    data = {'format_version': INPUT_FORMAT_VERSION, **FCI, 'species': species}
+    (folder / 'input.json').write_text(json.dumps(data))
+    assert run(folder / 'input.json') == 0
+    (folder / 'input.json').unlink()
+    return folder
+
+
+@pytest.mark.parametrize(
+    ('edit', 'drop', 'category', 'message'),
+    [
+        (lambda p: p['species'][1]['scalars'].update(e_ref=NAN), (), 'non_finite', 'reference energy'),
+        (lambda p: p['species'][1]['scalars'].update(e_hartree=float('inf')), (), 'non_finite', '`e_hartree`'),
+        (lambda p: p['species'][1]['scalars'].pop('e_kinetic'), (), 'unreadable', "'e_kinetic' is missing"),
+        (
+            lambda p: p['species'][1].update(error={'category': 'internal_error', 'message': 'boom'}),
+            (),
+            'internal_error',
+            'boom',
+        ),
+        (None, ('arrays_1.npz',), 'unreadable', 'arrays_1.npz was not retrieved'),
+        (lambda p: p['species'][1].update(index='one'), (), 'unreadable', "bad species index 'one'"),
+    ],
+)
+def test_a_bad_species_in_a_batch_output(retrieved_calc_node, tmp_path, batch_output, edit, drop, category, message):
+    import shutil
+
+    from aiida_dm21.parsers.reference import DM21ReferenceParser
+
+    folder = tmp_path / 'edited'
+    shutil.copytree(batch_output, folder)
+    if edit is not None:
+        payload = json.loads((folder / 'results.json').read_text())
+        edit(payload)
+        (folder / 'results.json').write_text(json.dumps(payload))  # NaN as Python's json writes it
+    for name in drop:
+        (folder / name).unlink()
+    node = retrieved_calc_node(folder, plugin='dm21.reference')
+    results, calcfunction = DM21ReferenceParser.parse_from_node(node, store_provenance=False)
+    assert calcfunction.is_finished and not calcfunction.is_excepted
+    assert calcfunction.exit_status == 430 and 'H (' in calcfunction.exit_message, calcfunction.exit_message
+    status = results['species_status'].get_dict()
+    assert status['H']['status'] == 'failed' and status['H']['category'] == category
+    assert message in status['H']['message']
+    assert set(results['species']) == {'H_plus', 'He_plus'}  # the good ones are attached, the bad one not at all
+    assert {s['status'] for key, s in status.items() if key != 'H'} == {'converged'}
+
+
+def test_an_unconverged_species_in_a_batch(reference_code):
+    h2 = {'label': 'H2', 'symbols': ['H', 'H'], 'positions': [[0.0, 0.0, 0.0], [0.0, 0.0, 0.74]]}
+    results, node = run_get_node(
+        DM21ReferenceCalculation,
+        code=reference_code,
+        species=orm.List([H_PLUS, h2]),
+        parameters=orm.Dict({'basis': '6-31g', 'reference_method': 'ccsd', 'cc_max_cycle': 1}),
+    )
+    assert node.exit_status == 430 and 'H2 (not_converged: not converged: ccsd_converged' in node.exit_message
+    status = results['species_status'].get_dict()
+    assert status['H2']['status'] == 'not_converged' and status['H_plus']['status'] == 'converged'
+    assert set(results['species']['H2']) == {'output_parameters'}  # no arrays: never reaches a dataset
+    assert results['species']['H2']['output_parameters']['ccsd_converged'] is False
+
+
+def test_workchain_does_not_retry_an_unconverged_species(reference_code):
+    from aiida_dm21.workflows.reference_data import ReferenceDataWorkChain
+
+    _, node = run_get_node(
+        ReferenceDataWorkChain,
+        code=reference_code,
+        species=orm.List(
+            [{'label': 'H+', 'atom': 'H 0 0 0', 'charge': 1}, {'label': 'H2', 'atom': 'H 0 0 0; H 0 0 0.74'}]
+        ),
+        fractional=orm.Dict({'integer': ['H2']}),
+        reference_method=orm.Str('ccsd'),
+        iterations=orm.Dict({'cc_max_cycle': 1}),
+        batch_size=orm.Int(2),
+    )
+    assert node.exit_status == 402 and 'H2 (not converged: ccsd_converged)' in node.exit_message, node.exit_message
+    assert len(_jobs(node)) == 1  # the same input would not converge twice: no retry
