@@ -263,7 +263,13 @@ def _fractional_problem(definition: dict, species: dict[str, dict]) -> str | Non
 
 
 class ReferenceDataWorkChain(WorkChain):
-    """Integer reference calculations (parallel) -> fractional-charge/-spin dataset."""
+    """Integer reference calculations -> fractional-charge/-spin dataset.
+
+    The species run in ``dm21.reference`` CalcJobs of ``batch_size`` species (default 1), at most
+    ``max_concurrent`` CalcJobs at a time (in waves; default all at once); a failed species is retried alone
+    up to ``max_retries`` times (default 1).  Exit 401: species still failing after their retries (named,
+    with the last error); 402: species that did not converge (never retried).  See the module docstring.
+    """
 
     @classmethod
     def define(cls, spec):  # type: ignore[override]
