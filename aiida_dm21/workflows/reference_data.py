@@ -4,9 +4,9 @@ Give a built-in set name (``set_name``, see :mod:`aiida_dm21.reference.sets`) or
 (a list of ``{label, atom, charge, multiplicity}`` with geometries in Angstrom) plus which fractional
 systems to build.  The integer calculations run as ``dm21.reference`` CalcJobs of ``batch_size`` species
 each (default 1: one CalcJob per species, as before batching existed; for hundreds or thousands of small
-species use 20-100, see docs/performance.md).  At most ``max_concurrent`` CalcJobs are in flight (default: all at once); the
-workchain submits them in waves of ``max_concurrent`` and submits the next wave when the previous one has
-finished.  A species that failed (its job's per-species status ``failed``, or the whole job failed) is
+species use 20-100, see docs/performance.md).  At most ``max_concurrent`` CalcJobs are in flight (default:
+all at once); the workchain submits them in waves of ``max_concurrent`` and submits the next wave when the
+previous one has finished.  A species that failed (its job's per-species status ``failed``, or the whole job failed) is
 retried alone, in a CalcJob of its own, up to ``max_retries`` times (default 1); a species that did not
 converge is not retried (the same input does not converge twice).  Identical CalcJobs are reused
 through AiiDA caching when caching is enabled for ``aiida.calculations:dm21.reference``; a failed job
