@@ -14,7 +14,7 @@ import dataclasses
 from aiida import orm
 from aiida.common.links import LinkType
 
-__all__ = ('CheckpointLineage', 'DatasetLineage', 'checkpoint_lineage', 'lineage_tree')
+__all__ = ('CheckpointLineage', 'DatasetLineage', 'checkpoint_lineage', 'lineage_tree', 'reference_labels')
 
 
 @dataclasses.dataclass
@@ -43,24 +43,33 @@ class CheckpointLineage:
         return [found[pk] for pk in sorted(found)]
 
 
+def reference_labels(node: orm.CalcJobNode) -> list[str]:
+    """The species labels of a ``dm21.reference`` CalcJob: one, or those of its batch (``species`` input)."""
+    if 'species' in node.inputs:
+        return [item['label'] for item in node.inputs.species.get_list()]
+    if 'parameters' in node.inputs:
+        return [str(node.inputs.parameters.get_dict().get('label', ''))]
+    return []
+
+
 def _incoming(node: orm.Node, link_type: LinkType) -> list[tuple[str, orm.Node]]:
     return [(t.link_label, t.node) for t in node.base.links.get_incoming(link_type=link_type).all()]
 
 
 def _dataset_lineage(dataset: orm.Data, role: str) -> DatasetLineage:
     builder = dataset.creator
-    references = []
+    references: dict[int, orm.CalcJobNode] = {}  # a batch job made several of the inputs: listed once
     if builder is not None:
         for _, node in _incoming(builder, LinkType.INPUT_CALC):
             creator = node.creator if isinstance(node, orm.ArrayData) else None
             if isinstance(creator, orm.CalcJobNode):
-                references.append(creator)
+                references[creator.pk] = creator
     return DatasetLineage(
         dataset=dataset,
         role=role,
         builder=builder,
         systems=list(dataset.base.attributes.get('labels', [])),
-        references=sorted(references, key=lambda n: n.pk),
+        references=[references[pk] for pk in sorted(references)],
     )
 
 
@@ -128,7 +137,7 @@ def lineage_tree(lineage: CheckpointLineage):
         for ref in d.references:
             params = ref.inputs.parameters.get_dict() if 'parameters' in ref.inputs else {}
             refs.add(
-                f'{_describe(ref)} {params.get("label", "")} {params.get("reference_method", "")}/'
+                f'{_describe(ref)} {", ".join(reference_labels(ref))} {params.get("reference_method", "")}/'
                 f'{params.get("basis", "")} (exit {ref.exit_status})'
             )
     if lineage.initial is not None:

@@ -63,3 +63,30 @@ def test_scale_alkanes_and_slope():
         assert np.allclose([d[i, j] for i, j in itertools.pairwise(carbons)], 1.53, atol=1e-3)
         assert d.min() > 0.9  # every pair of atoms at least a C-H bond apart
     assert scale.slope([(a, 3.0 * a**2.5) for a in (8, 14, 26, 50)]) == pytest.approx(2.5)
+
+
+OVERHEAD = SCF_SPEED.with_name('aiida_overhead.py')
+
+
+@pytest.mark.parametrize(
+    ('args', 'message'),
+    [(['--n', '0'], 'must be at least 1, got 0'), (['--batch-size', '1', '0'], 'must be at least 1, got 0')],
+)
+def test_aiida_overhead_refuses_bad_options_before_any_work(args, message):
+    result = subprocess.run(
+        [sys.executable, str(OVERHEAD), *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+@pytest.mark.slow
+def test_aiida_overhead_smoke(tmp_path):
+    """N=3 through the workchain (one batch and one job per species) and the plain loop: the table is printed."""
+    pytest.importorskip('aiida.engine')
+    command = [sys.executable, str(OVERHEAD), '--n', '3', '--batch-size', '1', '3', '--keep-profile', str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith('| 3 |')]
+    assert [row.split('|')[2].strip() for row in rows] == ['1', '3']
+    assert [row.split('|')[3].strip() for row in rows] == ['3', '1']  # CalcJobs

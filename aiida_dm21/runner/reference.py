@@ -14,6 +14,9 @@ No AiiDA import.  Reads ``input.json``: ``format_version`` (must be
 After a calculation it also holds ``spec``, ``scalars`` (energies in Ha; ``converged`` and
 ``*_converged`` for every iterative step) and ``wall_s``.
 
+With ``species`` (a list of ``{label, symbols, positions, charge, spin}``) instead of ``symbols`` and
+``positions``, the job is a batch: :func:`run_batch`.
+
 Exit status: 0 done and converged, 3 done but a step did not converge, 2 bad input or input format,
 1 anything else.
 """
@@ -37,7 +40,16 @@ from aiida_dm21.runner.common import (
     write_json,
 )
 
-__all__ = ('ARRAYS_FILE', 'ERROR_CATEGORIES', 'RESULTS_FILE', 'main', 'unconverged_steps')
+__all__ = (
+    'ARRAYS_FILE',
+    'ERROR_CATEGORIES',
+    'RESULTS_FILE',
+    'batch_arrays_file',
+    'compute',
+    'main',
+    'run_batch',
+    'unconverged_steps',
+)
 
 RESULTS_FILE = 'results.json'
 ARRAYS_FILE = 'arrays.npz'
@@ -80,7 +92,8 @@ def read_input(path: Path) -> dict[str, Any]:
     problem = check_format_version(data, str(path.name))
     if problem:
         raise RunnerError('unsupported_format', problem)
-    missing = [key for key in ('symbols', 'positions', 'basis') if key not in data]
+    needed = ('basis',) if 'species' in data else ('symbols', 'positions', 'basis')
+    missing = [key for key in needed if key not in data]
     if missing:
         raise RunnerError('unsupported_input', f'input file {path} lacks {", ".join(missing)}')
     for key in ('max_cycle', 'cc_max_cycle'):
@@ -90,13 +103,108 @@ def read_input(path: Path) -> dict[str, Any]:
     return data
 
 
-def _save_arrays(folder: Path, arrays: dict[str, Any]) -> None:
+def _save_arrays(folder: Path, arrays: dict[str, Any], name: str = ARRAYS_FILE) -> None:
     import numpy as np
 
-    tmp = folder / (ARRAYS_FILE + '.tmp')
+    tmp = folder / (name + '.tmp')
     with tmp.open('wb') as handle:
         np.savez(handle, **arrays)
-    tmp.replace(folder / ARRAYS_FILE)
+    tmp.replace(folder / name)
+
+
+def batch_arrays_file(index: int) -> str:
+    """The arrays file of species ``index`` of a batch: ``arrays_0.npz``, ``arrays_1.npz``..."""
+    return f'arrays_{index}.npz'
+
+
+def compute(data: dict[str, Any]):
+    """One species: ``symbols``, ``positions`` (Angstrom), ``basis``, ``charge``, ``spin`` = 2S, ``density_method``,
+    ``reference_method``, ``user_energy``, ``label``, ``max_cycle``, ``cc_max_cycle`` -> ``(IntegerSpec,
+    IntegerResult)`` (:func:`aiida_dm21.reference.integer.run_integer_system`).
+
+    :raises RunnerError: ``unsupported_input`` for a bad geometry, parameters or an input PySCF refuses.
+    """
+    from aiida_dm21.reference.integer import IntegerSpec, ReferenceInputError, run_integer_system
+
+    try:
+        atom = '; '.join(
+            f'{s} {x:.10f} {y:.10f} {z:.10f}' for s, (x, y, z) in zip(data['symbols'], data['positions'], strict=True)
+        )
+        spec = IntegerSpec(
+            atom=atom,
+            basis=data['basis'],
+            charge=int(data.get('charge', 0)),
+            spin=int(data.get('spin', 0)),
+            density_method=data.get('density_method', 'hf'),
+            reference_method=data.get('reference_method', 'ccsd(t)'),
+            user_energy=data.get('user_energy'),
+            label=data.get('label', ''),
+            max_cycle=int(data.get('max_cycle', 50)),
+            cc_max_cycle=int(data.get('cc_max_cycle', 50)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RunnerError('unsupported_input', f'bad geometry or parameters: {exc}') from exc
+    print(f'reference calculation {spec.label}: {spec.reference_method} on a {spec.density_method} density', flush=True)
+    try:
+        result = run_integer_system(spec)
+    except ReferenceInputError as exc:
+        raise RunnerError('unsupported_input', str(exc)) from exc
+    return spec, result
+
+
+def _error_entry(exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, RunnerError):
+        return {'category': exc.category, 'message': exc.message, 'type': 'RunnerError'}
+    return {
+        'category': 'internal_error',
+        'message': f'{type(exc).__name__}: {exc}',
+        'type': type(exc).__name__,
+        'traceback': traceback.format_exc(limit=20),
+    }
+
+
+def run_batch(folder: Path, data: dict[str, Any], payload: dict[str, Any], start: float) -> int:
+    """A batch: ``data['species']`` is a list of ``{label, symbols, positions, charge, spin}``, the other keys are
+    common to all.  Every species is computed in turn; a failure of one is recorded in its own entry
+    (``error``) and the next one runs.  ``results.json`` is rewritten after each species (a job cut by the
+    walltime keeps the finished ones) and holds ``species``: a list, in input order, of ``{index, label,
+    error, exit_status, wall_s}`` plus ``spec`` and ``scalars`` after a calculation; the arrays of species
+    ``i`` are in ``arrays_<i>.npz``.
+
+    Exit status: 0 all converged, 3 none failed but some did not converge, 1 some failed.
+    """
+    species = data['species']
+    if not isinstance(species, list) or not species or not all(isinstance(item, dict) for item in species):
+        raise RunnerError('unsupported_input', '`species` must be a non-empty list of objects')
+    common = {key: value for key, value in data.items() if key not in ('species', 'format_version')}
+    payload['species'] = []
+    statuses = []
+    for index, item in enumerate(species):
+        begin = time.perf_counter()
+        entry: dict[str, Any] = {'index': index, 'label': item.get('label', ''), 'error': None}
+        try:
+            spec, result = compute({**common, **item})
+            _save_arrays(folder, result.arrays(), batch_arrays_file(index))
+            entry['spec'] = spec.to_dict()
+            entry['scalars'] = result.scalars()
+            entry['exit_status'] = EXIT_NOT_CONVERGED if unconverged_steps(entry['scalars']) else EXIT_OK
+        except Exception as exc:  # one species failing must not stop the others
+            entry['error'] = _error_entry(exc)
+            entry['exit_status'] = EXIT_BAD_INPUT if isinstance(exc, RunnerError) else EXIT_FAILED
+            print(f'species {entry["label"]}: {entry["error"]["category"]}: {entry["error"]["message"]}', flush=True)
+        entry['wall_s'] = time.perf_counter() - begin
+        payload['species'].append(entry)
+        statuses.append(entry['exit_status'])
+        payload['wall_s'] = time.perf_counter() - start
+        write_json(folder / RESULTS_FILE, payload)
+    status = EXIT_OK
+    if any(s in (EXIT_FAILED, EXIT_BAD_INPUT) for s in statuses):
+        status = EXIT_FAILED
+    elif EXIT_NOT_CONVERGED in statuses:
+        status = EXIT_NOT_CONVERGED
+    payload['exit_status'] = status
+    write_json(folder / RESULTS_FILE, payload)
+    return status
 
 
 def run(path: Path) -> int:
@@ -117,35 +225,9 @@ def run(path: Path) -> int:
             raise RunnerError('unsupported_input', str(exc)) from exc
         print(thread_summary(payload['threads']), flush=True)
         data = read_input(path)
-        from aiida_dm21.reference.integer import IntegerSpec, ReferenceInputError, run_integer_system
-
-        try:
-            atom = '; '.join(
-                f'{s} {x:.10f} {y:.10f} {z:.10f}'
-                for s, (x, y, z) in zip(data['symbols'], data['positions'], strict=True)
-            )
-            spec = IntegerSpec(
-                atom=atom,
-                basis=data['basis'],
-                charge=int(data.get('charge', 0)),
-                spin=int(data.get('spin', 0)),
-                density_method=data.get('density_method', 'hf'),
-                reference_method=data.get('reference_method', 'ccsd(t)'),
-                user_energy=data.get('user_energy'),
-                label=data.get('label', ''),
-                max_cycle=int(data.get('max_cycle', 50)),
-                cc_max_cycle=int(data.get('cc_max_cycle', 50)),
-            )
-        except (TypeError, ValueError) as exc:
-            raise RunnerError('unsupported_input', f'bad geometry or parameters: {exc}') from exc
-        print(
-            f'reference calculation {spec.label}: {spec.reference_method} on a {spec.density_method} density',
-            flush=True,
-        )
-        try:
-            result = run_integer_system(spec)
-        except ReferenceInputError as exc:
-            raise RunnerError('unsupported_input', str(exc)) from exc
+        if 'species' in data:
+            return run_batch(folder, data, payload, start)
+        spec, result = compute(data)
         _save_arrays(folder, result.arrays())
         payload['spec'] = spec.to_dict()
         payload['scalars'] = result.scalars()

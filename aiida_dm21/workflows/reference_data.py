@@ -1,12 +1,21 @@
-"""``dm21.reference_data``: integer reference calculations in parallel, then the fractional dataset.
+"""``dm21.reference_data``: integer reference calculations in batches, then the fractional dataset.
 
 Give a built-in set name (``set_name``, see :mod:`aiida_dm21.reference.sets`) or your own ``species``
 (a list of ``{label, atom, charge, multiplicity}`` with geometries in Angstrom) plus which fractional
-systems to build.  Every integer calculation is a ``dm21.reference`` CalcJob, all submitted at once;
-identical ones are reused through AiiDA caching when caching is enabled for ``aiida.calculations:dm21.reference``.
+systems to build.  The integer calculations run as ``dm21.reference`` CalcJobs of ``batch_size`` species
+each (default 1: one CalcJob per species, as before batching existed; for hundreds or thousands of small
+species use 20-100, see docs/performance.md).  At most ``max_concurrent`` CalcJobs are in flight (default:
+all at once); the workchain submits them in waves of ``max_concurrent`` and submits the next wave when the
+previous one has finished.  A species that failed (its job's per-species status ``failed``, or the whole job failed) is
+retried alone, in a CalcJob of its own, up to ``max_retries`` times (default 1); a species that did not
+converge is not retried (the same input does not converge twice).  Identical CalcJobs are reused
+through AiiDA caching when caching is enabled for ``aiida.calculations:dm21.reference``; a failed job
+(any exit code >= 300, including the batch's 430) is never reused.
 
-A reference that did not converge (its CalcJob ends in 400, or an older finished node records a ``False``
-convergence flag) never enters the dataset: the workchain stops with 402 naming the species.
+A species still failing after its retries ends the workchain in 401 naming it (and its error); a reference
+that did not converge (its CalcJob ends in 400, a batch lists it ``not_converged``, or an older finished
+node records a ``False`` convergence flag) never enters the dataset: the workchain stops with 402 naming
+the species.
 """
 
 from __future__ import annotations
@@ -15,10 +24,10 @@ import math
 import typing as t
 
 from aiida import orm
-from aiida.engine import ToContext, WorkChain
+from aiida.engine import WorkChain, append_, while_
 
 from aiida_dm21.calculations.fractional import build_fractional_dataset
-from aiida_dm21.calculations.reference import DM21ReferenceCalculation
+from aiida_dm21.calculations.reference import DM21ReferenceCalculation, link_label
 from aiida_dm21.calculations.scf import validate_structure
 from aiida_dm21.data.dataset import DM21DatasetData
 from aiida_dm21.reference.constants import ReferenceInputError  # no PySCF: frame_molecule is imported when used
@@ -56,15 +65,6 @@ def _frame_molecule(atom: str, basis: str):
     return frame_molecule(atom, basis)
 
 
-def link_label(label: str) -> str:
-    """A valid AiiDA link label for a species label: 'H+' -> 'H_plus', 'C2H6-' -> 'C2H6_minus'."""
-    text = label.replace('+', '_plus_').replace('-', '_minus_')
-    text = ''.join(c if c.isalnum() else '_' for c in text)
-    parts = [p for p in text.split('_') if p]
-    out = '_'.join(parts) or 'species'
-    return out if not out[0].isdigit() else f's_{out}'
-
-
 def validate_species(value: orm.List, _: t.Any = None) -> str | None:
     labels = set()
     if not value.get_list():
@@ -96,6 +96,25 @@ def validate_iterations(value: orm.Dict, _: t.Any = None) -> str | None:
         if not isinstance(number, int) or isinstance(number, bool) or number < 1:
             return f'`{key}` must be a positive integer, got {number!r}'
     return None
+
+
+def _positive(name: str, minimum: int) -> t.Callable[[orm.Int, t.Any], str | None]:
+    def validator(value: orm.Int, _: t.Any = None) -> str | None:
+        number = value.value
+        if isinstance(number, bool) or not isinstance(number, int) or number < minimum:
+            return f'`{name}` must be an integer >= {minimum}, got {number!r}'
+        return None
+
+    return validator
+
+
+def atoms_of(atom: str) -> tuple[list[str], list[list[float]]]:
+    """Symbols and positions (Angstrom) of a PySCF atom string in Angstrom."""
+    structure = structure_from_atom(atom)
+    kinds = {kind.name: kind.symbols[0] for kind in structure.kinds}
+    return [kinds[site.kind_name] for site in structure.sites], [
+        [float(x) for x in s.position] for s in structure.sites
+    ]
 
 
 #: The keys of the ``fractional`` input (``deltas`` and ``spin_fractions`` are inputs of their own).
@@ -244,7 +263,13 @@ def _fractional_problem(definition: dict, species: dict[str, dict]) -> str | Non
 
 
 class ReferenceDataWorkChain(WorkChain):
-    """Integer reference calculations (parallel) -> fractional-charge/-spin dataset."""
+    """Integer reference calculations -> fractional-charge/-spin dataset.
+
+    The species run in ``dm21.reference`` CalcJobs of ``batch_size`` species (default 1), at most
+    ``max_concurrent`` CalcJobs at a time (in waves; default all at once); a failed species is retried alone
+    up to ``max_retries`` times (default 1).  Exit 401: species still failing after their retries (named,
+    with the last error); 402: species that did not converge (never retried).  See the module docstring.
+    """
 
     @classmethod
     def define(cls, spec):  # type: ignore[override]
@@ -290,8 +315,34 @@ class ReferenceDataWorkChain(WorkChain):
             validator=validate_iterations,
             help='Iteration limits for every dm21.reference: max_cycle (SCF) and cc_max_cycle (CCSD), default 50.',
         )
+        spec.input(
+            'batch_size',
+            valid_type=orm.Int,
+            default=lambda: orm.Int(1),
+            validator=_positive('batch_size', 1),
+            help='Species per dm21.reference CalcJob (default 1: one job per species).',
+        )
+        spec.input(
+            'max_concurrent',
+            valid_type=orm.Int,
+            required=False,
+            validator=_positive('max_concurrent', 1),
+            help='At most this many dm21.reference CalcJobs in flight at once (default: all).',
+        )
+        spec.input(
+            'max_retries',
+            valid_type=orm.Int,
+            default=lambda: orm.Int(1),
+            validator=_positive('max_retries', 0),
+            help='How often a failed species is retried alone, in a CalcJob of its own (default 1; 0: never).',
+        )
         spec.inputs.validator = validate_inputs
-        spec.outline(cls.setup, cls.run_references, cls.inspect_references, cls.build_dataset)
+        spec.outline(
+            cls.setup,
+            while_(cls.should_submit_more)(cls.submit_jobs, cls.inspect_jobs),
+            cls.inspect_references,
+            cls.build_dataset,
+        )
         spec.output('dataset', valid_type=DM21DatasetData)
         spec.exit_code(401, 'ERROR_REFERENCE_FAILED', message='Reference calculations failed: {labels}')
         spec.exit_code(
@@ -311,51 +362,130 @@ class ReferenceDataWorkChain(WorkChain):
         self.ctx.definition = definition
         method = self.inputs.reference_method.value if 'reference_method' in self.inputs else None
         self.ctx.method = method or definition.get('reference_method', 'ccsd(t)')
+        labels = [item['label'] for item in definition['species']]
+        size = self.inputs.batch_size.value
+        self.ctx.labels = labels
+        #: batches still to submit: (labels, attempt); attempt 0 is the first try, >= 1 a retry alone
+        self.ctx.queue = [[labels[i : i + size], 0] for i in range(0, len(labels), size)]
+        self.ctx.attempts = dict.fromkeys(labels, 0)
+        self.ctx.outcome = {}  # label -> ['converged', pk] | ['not_converged', message] | ['failed', message]
+        self.ctx.jobs = []
+        self.ctx.wave = 0
+        self.ctx.n_submitted = 0
 
-    def run_references(self):
-        options = self.inputs.options.get_dict() if 'options' in self.inputs else {}
-        futures = {}
-        for item in self.ctx.definition['species']:
-            builder = DM21ReferenceCalculation.get_builder()
-            builder.code = self.inputs.code
+    def should_submit_more(self) -> bool:
+        return bool(self.ctx.queue)
+
+    def _builder(self, labels: list[str], attempt: int):
+        items = {item['label']: item for item in self.ctx.definition['species']}
+        common = {
+            'basis': self.inputs.basis.value,
+            'density_method': self.inputs.density_method.value,
+            'reference_method': self.ctx.method,
+            **(self.inputs.iterations.get_dict() if 'iterations' in self.inputs else {}),
+        }
+        builder = DM21ReferenceCalculation.get_builder()
+        builder.code = self.inputs.code
+        if len(labels) == 1:  # one species: the single-species job (structure + parameters)
+            item = items[labels[0]]
             builder.structure = structure_from_atom(item['atom'])
             builder.parameters = orm.Dict(
                 {
-                    'basis': self.inputs.basis.value,
+                    **common,
                     'charge': int(item.get('charge', 0)),
                     'multiplicity': int(item.get('multiplicity', 1)),
-                    'density_method': self.inputs.density_method.value,
-                    'reference_method': self.ctx.method,
                     'label': item['label'],
-                    **(self.inputs.iterations.get_dict() if 'iterations' in self.inputs else {}),
                 }
             )
-            set_options(builder.metadata.options, options)
-            builder.metadata.call_link_label = 'reference_' + link_label(item['label'])
-            futures[item['label']] = self.submit(builder)
-            self.report(f'submitted {item["label"]}: dm21.reference<{futures[item["label"]].pk}>')
-        self.ctx.labels = list(futures)
-        return ToContext(**{f'ref_{i}': node for i, node in enumerate(futures.values())})
+            name = link_label(labels[0])
+        else:
+            species = []
+            for label in labels:
+                symbols, positions = atoms_of(items[label]['atom'])
+                species.append(
+                    {
+                        'label': label,
+                        'symbols': symbols,
+                        'positions': positions,
+                        'charge': int(items[label].get('charge', 0)),
+                        'multiplicity': int(items[label].get('multiplicity', 1)),
+                    }
+                )
+            builder.species = orm.List(species)
+            builder.parameters = orm.Dict(common)
+            name = f'batch_{self.ctx.n_submitted}'
+        set_options(builder.metadata.options, self.inputs.options.get_dict() if 'options' in self.inputs else {})
+        builder.metadata.call_link_label = (f'retry{attempt}_' if attempt else 'reference_') + name
+        self.ctx.n_submitted += 1
+        return builder
+
+    def submit_jobs(self):
+        """Submit the next wave: at most ``max_concurrent`` jobs (the workchain waits for the whole wave)."""
+        limit = self.inputs.max_concurrent.value if 'max_concurrent' in self.inputs else len(self.ctx.queue)
+        wave, self.ctx.queue = self.ctx.queue[:limit], self.ctx.queue[limit:]
+        self.ctx.wave += 1
+        self.ctx.current = []
+        self.ctx.wave_start = len(self.ctx.jobs)
+        for labels, attempt in wave:
+            node = self.submit(self._builder(labels, attempt))
+            self.ctx.current.append(labels)
+            what = 'retry of' if attempt else 'submitted'
+            self.report(f'wave {self.ctx.wave}: {what} {", ".join(labels)}: dm21.reference<{node.pk}>')
+            self.to_context(jobs=append_(node))
+
+    def inspect_jobs(self):
+        """Record every species of the finished wave; queue a failed species alone while it has retries left."""
+        not_converged_status = DM21ReferenceCalculation.exit_codes.ERROR_REFERENCE_NOT_CONVERGED.status
+        for labels, node in zip(self.ctx.current, self.ctx.jobs[self.ctx.wave_start :], strict=True):
+            statuses = node.outputs.species_status.get_dict() if 'species_status' in node.outputs else None
+            for label in labels:
+                key = link_label(label)
+                if len(labels) == 1 and 'structure' in node.inputs:
+                    if node.is_finished_ok:
+                        steps = unconverged_steps(node.outputs.output_arrays.base.attributes.get('scalars', {}))
+                        outcome = ['not_converged', ', '.join(steps)] if steps else ['converged', node.pk]
+                    elif node.exit_status == not_converged_status:
+                        outcome = ['not_converged', node.exit_message]
+                    else:
+                        outcome = ['failed', f'exit {node.exit_status}: {node.exit_message}']
+                elif statuses is not None and key in statuses:
+                    status = statuses[key]
+                    if status['status'] == 'converged':
+                        arrays = node.outputs.species[key].output_arrays
+                        steps = unconverged_steps(arrays.base.attributes.get('scalars', {}))
+                        outcome = ['not_converged', ', '.join(steps)] if steps else ['converged', node.pk]
+                    elif status['status'] == 'not_converged':
+                        outcome = ['not_converged', status['message']]
+                    else:
+                        outcome = ['failed', f'{status["category"]}: {status["message"]}']
+                else:  # the whole job failed before this species had a status
+                    outcome = ['failed', f'exit {node.exit_status}: {node.exit_message}']
+                if outcome[0] == 'failed' and self.ctx.attempts[label] < self.inputs.max_retries.value:
+                    self.ctx.attempts[label] += 1
+                    self.ctx.queue.append([[label], self.ctx.attempts[label]])
+                    self.report(f'{label} failed ({outcome[1]}): retry {self.ctx.attempts[label]} alone')
+                self.ctx.outcome[label] = outcome
 
     def inspect_references(self):
         failed, not_converged = [], []
-        not_converged_status = DM21ReferenceCalculation.exit_codes.ERROR_REFERENCE_NOT_CONVERGED.status
-        for i, label in enumerate(self.ctx.labels):
-            node = self.ctx[f'ref_{i}']
-            if node.is_finished_ok:
-                # also a node finished (or cached) before convergence was checked must not enter a dataset
-                steps = unconverged_steps(node.outputs.output_arrays.base.attributes.get('scalars', {}))
-                if steps:
-                    not_converged.append(f'{label} ({", ".join(steps)})')
-            elif node.exit_status == not_converged_status:
-                not_converged.append(f'{label} ({node.exit_message})')
-            else:
-                failed.append(f'{label} (exit {node.exit_status})')
+        for label in self.ctx.labels:
+            kind, detail = self.ctx.outcome[label]
+            if kind == 'failed':
+                tries = self.ctx.attempts[label] + 1
+                failed.append(f'{label} ({detail}; {tries} tr{"y" if tries == 1 else "ies"})')
+            elif kind == 'not_converged':
+                not_converged.append(f'{label} ({detail})')
         if failed:
             return self.exit_codes.ERROR_REFERENCE_FAILED.format(labels=', '.join(failed + not_converged))
         if not_converged:
             return self.exit_codes.ERROR_REFERENCE_NOT_CONVERGED.format(labels=', '.join(not_converged))
         return None
+
+    def _arrays_of(self, label: str) -> orm.ArrayData:
+        node = orm.load_node(self.ctx.outcome[label][1])
+        if 'species_status' in node.outputs:
+            return node.outputs.species[link_label(label)].output_arrays
+        return node.outputs.output_arrays
 
     def build_dataset(self):
         definition = self.ctx.definition
@@ -366,10 +496,7 @@ class ReferenceDataWorkChain(WorkChain):
             'deltas': self.inputs.deltas.get_list(),
             'spin_fractions': self.inputs.spin_fractions.get_list(),
         }
-        arrays = {
-            f'{link_label(lab)}_{i}': self.ctx[f'ref_{i}'].outputs.output_arrays
-            for i, lab in enumerate(self.ctx.labels)
-        }
+        arrays = {f'{link_label(lab)}_{i}': self._arrays_of(lab) for i, lab in enumerate(self.ctx.labels)}
         # link labels must be identifiers: map the species labels (H+, He...) onto the namespace keys
         label_of = {key: node.base.attributes.get('spec')['label'] for key, node in arrays.items()}
         params_keys = {

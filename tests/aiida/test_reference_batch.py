@@ -1,0 +1,294 @@
+"""Batched ``dm21.reference`` jobs and the batching, retrying, throttled ``dm21.reference_data`` (issue 11).
+
+Real PySCF throughout (FCI/6-31G on one- and two-electron species: seconds).  The failing species is a
+real runner failure: an exchange-correlation name that libxc does not know fails every species that has
+electrons (the zero-electron H+ needs no SCF), through the runner's own per-species error path.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+pytest.importorskip('aiida.engine')
+
+from aiida import orm
+from aiida.engine import run_get_node
+
+from aiida_dm21.calculations.reference import DM21ReferenceCalculation
+
+pytestmark = pytest.mark.aiida
+
+H = {'label': 'H', 'symbols': ['H'], 'positions': [[0.0, 0.0, 0.0]], 'charge': 0, 'multiplicity': 2}
+HE_PLUS = {'label': 'He+', 'symbols': ['He'], 'positions': [[0.0, 0.0, 0.0]], 'charge': 1, 'multiplicity': 2}
+LI_PLUS = {'label': 'Li+', 'symbols': ['Li'], 'positions': [[0.0, 0.0, 0.0]], 'charge': 1, 'multiplicity': 1}
+H_PLUS = {'label': 'H+', 'symbols': ['H'], 'positions': [[0.0, 0.0, 0.0]], 'charge': 1, 'multiplicity': 1}
+FCI = {'basis': '6-31g', 'reference_method': 'fci'}
+
+
+@pytest.fixture
+def reference_code(aiida_code_installed):
+    return aiida_code_installed(
+        label='dm21-python-batch', default_calc_job_plugin='dm21.reference', filepath_executable=sys.executable
+    )
+
+
+def test_a_batch_of_three_species(reference_code):
+    from pyscf import fci, gto, scf
+
+    results, node = run_get_node(
+        DM21ReferenceCalculation,
+        code=reference_code,
+        species=orm.List([H, HE_PLUS, LI_PLUS]),
+        parameters=orm.Dict(FCI),
+    )
+    assert node.is_finished_ok, node.exit_message
+    assert set(results['species']) == {'H', 'He_plus', 'Li_plus'}
+    status = results['species_status'].get_dict()
+    assert {key: s['status'] for key, s in status.items()} == dict.fromkeys(('H', 'He_plus', 'Li_plus'), 'converged')
+    assert status['He_plus']['label'] == 'He+'
+    li = gto.M(atom='Li 0 0 0', basis='6-31g', charge=1, spin=0, verbose=0)
+    e_fci = fci.FCI(scf.UHF(li).run()).kernel()[0]
+    li_out = node.outputs.species.Li_plus
+    assert abs(li_out.output_parameters['e_ref'] - e_fci) < 1e-7
+    assert li_out.output_arrays.base.attributes.get('spec')['label'] == 'Li+'
+    assert li_out.output_arrays.get_array('dm').shape[0] == 2
+    assert node.base.caching.is_valid_cache
+    payload = json.loads(node.base.repository.get_object_content('input.json'))
+    assert [item['label'] for item in payload['species']] == ['H', 'He+', 'Li+'] and 'symbols' not in payload
+
+
+def test_a_failing_species_does_not_sink_the_batch(reference_code):
+    results, node = run_get_node(
+        DM21ReferenceCalculation,
+        code=reference_code,
+        species=orm.List([H_PLUS, HE_PLUS]),
+        parameters=orm.Dict({**FCI, 'density_method': 'no_such_xc'}),
+    )
+    assert node.exit_status == 430 and not node.is_excepted, node.exit_message
+    assert 'He+ (internal_error' in node.exit_message and 'H+' not in node.exit_message.replace('He+', '')
+    status = results['species_status'].get_dict()
+    assert status['H_plus']['status'] == 'converged' and status['He_plus']['status'] == 'failed'
+    assert status['He_plus']['category'] == 'internal_error' and status['He_plus']['message']
+    assert set(results['species']) == {'H_plus'}  # the failed species stores nothing
+    assert results['species']['H_plus']['output_arrays'].get_array('dm').shape[0] == 2
+    assert not node.base.caching.is_valid_cache
+
+
+@pytest.mark.parametrize(
+    ('inputs', 'message'),
+    [
+        ({'structure': 'h', 'species': [H]}, 'give either `structure` (one species) or `species` (a batch)'),
+        ({'species': []}, 'the species list of a batch is empty'),
+        ({'species': [H, {**H, 'label': 'H '}]}, "both map to the output key 'H': rename one"),
+        ({'species': [{**H, 'multiplicity': 1}]}, "species 'H': charge 0 and multiplicity 1 are impossible"),
+        ({'species': [{**H, 'colour': 'red'}]}, "unknown keys ['colour'] in species 'H'"),
+        ({'species': [{**H, 'positions': [[0.0, 0.0]]}]}, "species 'H': `positions` must be one finite"),
+        ({'species': [H], 'parameters': {**FCI, 'charge': 1}}, "the parameters ['charge'] belong to each species"),
+        ({'species': [H], 'parameters': {'basis': '6-31g', 'reference_method': 'user'}}, 'takes one species'),
+        ({'species': [{**H, 'symbols': ['Ne'], 'charge': 0, 'multiplicity': 1}]}, 'FCI is limited'),
+    ],
+)
+def test_bad_batches_are_refused(reference_code, make_structure, count_nodes, inputs, message):
+    launch = {'code': reference_code, 'parameters': orm.Dict(inputs.pop('parameters', FCI))}
+    if 'structure' in inputs:
+        launch['structure'] = make_structure([('H', (0.0, 0.0, 0.0))])
+    if 'species' in inputs:
+        launch['species'] = orm.List(inputs['species'])
+    before = count_nodes()
+    with pytest.raises(ValueError) as info:
+        run_get_node(DM21ReferenceCalculation, **launch)
+    assert message in str(info.value)
+    assert count_nodes() == before
+
+
+# --- the workchain: batches, throttling, retries ------------------------------------------------------------
+
+WC_SPECIES = [
+    {'label': 'H+', 'atom': 'H 0 0 0', 'charge': 1, 'multiplicity': 1},
+    {'label': 'H', 'atom': 'H 0 0 0', 'charge': 0, 'multiplicity': 2},
+    {'label': 'He+', 'atom': 'He 0 0 0', 'charge': 1, 'multiplicity': 2},
+]
+
+
+def _reference_data(code, **inputs):
+    from aiida_dm21.workflows.reference_data import ReferenceDataWorkChain
+
+    defaults = {
+        'code': code,
+        'species': orm.List(WC_SPECIES),
+        'fractional': orm.Dict({'fractional_charge': [['H+', 'H']], 'integer': ['He+']}),
+        'reference_method': orm.Str('fci'),
+        'deltas': orm.List([0.5]),
+    }
+    return run_get_node(ReferenceDataWorkChain, **{**defaults, **inputs})
+
+
+def _jobs(workchain) -> list[orm.CalcJobNode]:
+    return sorted((c for c in workchain.called if isinstance(c, orm.CalcJobNode)), key=lambda n: n.pk)
+
+
+def test_workchain_batches_throttles_and_links_the_dataset(reference_code):
+    from aiida_dm21.provenance import _dataset_lineage
+
+    results, node = _reference_data(reference_code, batch_size=orm.Int(2), max_concurrent=orm.Int(1))
+    assert node.is_finished_ok, node.exit_message
+    jobs = _jobs(node)
+    assert len(jobs) == 2
+    assert 'species' in jobs[0].inputs and [s['label'] for s in jobs[0].inputs.species.get_list()] == ['H+', 'H']
+    assert 'structure' in jobs[1].inputs and jobs[1].inputs.parameters['label'] == 'He+'  # the last, alone
+    # max_concurrent 1: the second job was created only after the first one had been parsed
+    assert jobs[1].ctime > jobs[0].outputs.species_status.ctime
+    dataset = results['dataset']
+    assert dataset.n_systems == 2 and dataset.kinds == {'fc': 1, 'integer': 1}
+    lineage = _dataset_lineage(dataset, 'train')
+    assert [r.pk for r in lineage.references] == [job.pk for job in jobs]  # every reference job is reached
+    from aiida_dm21.provenance import reference_labels
+
+    assert [reference_labels(r) for r in lineage.references] == [['H+', 'H'], ['He+']]
+
+
+def test_workchain_retries_a_failed_species_alone_then_reports_it(reference_code):
+    results, node = _reference_data(
+        reference_code,
+        density_method=orm.Str('no_such_xc'),  # fails every species with electrons, at run time
+        batch_size=orm.Int(3),
+    )
+    assert node.exit_status == 401, node.exit_message
+    # the last try's error: the retry alone ended in 350 (internal_error: libxc knows no such functional)
+    assert 'H (exit 350' in node.exit_message and 'He+ (exit 350' in node.exit_message
+    assert 'H+ (' not in node.exit_message and 'NO_SUCH_XC' in node.exit_message and '2 tries' in node.exit_message
+    assert 'dataset' not in results
+    batch, *retries = _jobs(node)
+    assert batch.exit_status == 430 and set(batch.outputs.species) == {'H_plus'}
+    assert sorted(r.inputs.parameters['label'] for r in retries) == ['H', 'He+']  # each alone, once
+    assert all('structure' in r.inputs and r.exit_status == 350 for r in retries)
+    labels = {link.link_label for link in node.base.links.get_outgoing(node_class=orm.CalcJobNode).all()}
+    assert labels == {'reference_batch_0', 'retry1_H', 'retry1_He_plus'}
+    reports = ' '.join(log.message for log in orm.Log.collection.get_logs_for(node))
+    assert 'H failed (internal_error' in reports and 'retry 1 alone' in reports
+
+
+def test_no_retries(reference_code):
+    _, node = _reference_data(
+        reference_code, density_method=orm.Str('no_such_xc'), batch_size=orm.Int(3), max_retries=orm.Int(0)
+    )
+    assert node.exit_status == 401 and 'H (internal_error' in node.exit_message and '1 try)' in node.exit_message
+    assert len(_jobs(node)) == 1
+
+
+@pytest.mark.parametrize(
+    ('name', 'value', 'message'),
+    [
+        ('batch_size', 0, '`batch_size` must be an integer >= 1, got 0'),
+        ('batch_size', -3, '`batch_size` must be an integer >= 1, got -3'),
+        ('max_concurrent', 0, '`max_concurrent` must be an integer >= 1, got 0'),
+        ('max_concurrent', -1, '`max_concurrent` must be an integer >= 1, got -1'),
+        ('max_retries', -1, '`max_retries` must be an integer >= 0, got -1'),
+    ],
+)
+def test_bad_batching_inputs_are_refused(reference_code, count_nodes, name, value, message):
+    before = count_nodes()
+    with pytest.raises(ValueError) as info:
+        _reference_data(reference_code, **{name: orm.Int(value)})
+    assert message in str(info.value)
+    assert count_nodes() == before
+
+
+# --- the parser on a real batch output, broken by hand: a bad species never sinks the others -----------------
+
+NAN = float('nan')
+
+
+@pytest.fixture(scope='module')
+def batch_output(tmp_path_factory):
+    """A real batch (H+, H, He+; FCI/6-31G) written by the runner, in-process."""
+    from aiida_dm21.runner.common import INPUT_FORMAT_VERSION
+    from aiida_dm21.runner.reference import run
+
+    folder = tmp_path_factory.mktemp('batch') / 'job'
+    folder.mkdir()
+    species = [
+        {key: item[key] for key in ('label', 'symbols', 'positions', 'charge')} | {'spin': item['multiplicity'] - 1}
+        for item in (H_PLUS, H, HE_PLUS)
+    ]
+    data = {'format_version': INPUT_FORMAT_VERSION, **FCI, 'species': species}
+    (folder / 'input.json').write_text(json.dumps(data))
+    assert run(folder / 'input.json') == 0
+    (folder / 'input.json').unlink()
+    return folder
+
+
+@pytest.mark.parametrize(
+    ('edit', 'drop', 'category', 'message'),
+    [
+        (lambda p: p['species'][1]['scalars'].update(e_ref=NAN), (), 'non_finite', 'reference energy'),
+        (lambda p: p['species'][1]['scalars'].update(e_hartree=float('inf')), (), 'non_finite', '`e_hartree`'),
+        (lambda p: p['species'][1]['scalars'].pop('e_kinetic'), (), 'unreadable', "'e_kinetic' is missing"),
+        (
+            lambda p: p['species'][1].update(error={'category': 'internal_error', 'message': 'boom'}),
+            (),
+            'internal_error',
+            'boom',
+        ),
+        (None, ('arrays_1.npz',), 'unreadable', 'arrays_1.npz was not retrieved'),
+        (lambda p: p['species'][1].update(index='one'), (), 'unreadable', "bad species index 'one'"),
+    ],
+)
+def test_a_bad_species_in_a_batch_output(retrieved_calc_node, tmp_path, batch_output, edit, drop, category, message):
+    import shutil
+
+    from aiida_dm21.parsers.reference import DM21ReferenceParser
+
+    folder = tmp_path / 'edited'
+    shutil.copytree(batch_output, folder)
+    if edit is not None:
+        payload = json.loads((folder / 'results.json').read_text())
+        edit(payload)
+        (folder / 'results.json').write_text(json.dumps(payload))  # NaN as Python's json writes it
+    for name in drop:
+        (folder / name).unlink()
+    node = retrieved_calc_node(folder, plugin='dm21.reference')
+    results, calcfunction = DM21ReferenceParser.parse_from_node(node, store_provenance=False)
+    assert calcfunction.is_finished and not calcfunction.is_excepted
+    assert calcfunction.exit_status == 430 and 'H (' in calcfunction.exit_message, calcfunction.exit_message
+    status = results['species_status'].get_dict()
+    assert status['H']['status'] == 'failed' and status['H']['category'] == category
+    assert message in status['H']['message']
+    assert set(results['species']) == {'H_plus', 'He_plus'}  # the good ones are attached, the bad one not at all
+    assert {s['status'] for key, s in status.items() if key != 'H'} == {'converged'}
+
+
+def test_an_unconverged_species_in_a_batch(reference_code):
+    h2 = {'label': 'H2', 'symbols': ['H', 'H'], 'positions': [[0.0, 0.0, 0.0], [0.0, 0.0, 0.74]]}
+    results, node = run_get_node(
+        DM21ReferenceCalculation,
+        code=reference_code,
+        species=orm.List([H_PLUS, h2]),
+        parameters=orm.Dict({'basis': '6-31g', 'reference_method': 'ccsd', 'cc_max_cycle': 1}),
+    )
+    assert node.exit_status == 430 and 'H2 (not_converged: not converged: ccsd_converged' in node.exit_message
+    status = results['species_status'].get_dict()
+    assert status['H2']['status'] == 'not_converged' and status['H_plus']['status'] == 'converged'
+    assert set(results['species']['H2']) == {'output_parameters'}  # no arrays: never reaches a dataset
+    assert results['species']['H2']['output_parameters']['ccsd_converged'] is False
+
+
+def test_workchain_does_not_retry_an_unconverged_species(reference_code):
+    from aiida_dm21.workflows.reference_data import ReferenceDataWorkChain
+
+    _, node = run_get_node(
+        ReferenceDataWorkChain,
+        code=reference_code,
+        species=orm.List(
+            [{'label': 'H+', 'atom': 'H 0 0 0', 'charge': 1}, {'label': 'H2', 'atom': 'H 0 0 0; H 0 0 0.74'}]
+        ),
+        fractional=orm.Dict({'integer': ['H2']}),
+        reference_method=orm.Str('ccsd'),
+        iterations=orm.Dict({'cc_max_cycle': 1}),
+        batch_size=orm.Int(2),
+    )
+    assert node.exit_status == 402 and 'H2 (not converged: ccsd_converged)' in node.exit_message, node.exit_message
+    assert len(_jobs(node)) == 1  # the same input would not converge twice: no retry
