@@ -33,7 +33,7 @@ import pytest
 
 pytest.importorskip('aiida.engine')
 
-pytestmark = [pytest.mark.aiida, pytest.mark.slow]
+pytestmark = pytest.mark.aiida
 
 REPO = Path(__file__).resolve().parents[2]
 LABELS = ['iteration_01', 'iteration_02', 'iteration_03', 'iteration_04']
@@ -73,6 +73,7 @@ def _check_chain(summary: dict, logs: str) -> None:
     assert summary['output_density'] == jobs[-1]['output_density']
 
 
+@pytest.mark.slow
 def test_daemon_killed_three_times_mid_workchain(isolated, services, dm21_checkpoint_file):
     aiida = isolated(services['name'].replace('_', '-'))
     # PyTorch's element-wise operations, not the numba kernels: a kernel loaded from numba's disk cache gives other
@@ -129,3 +130,65 @@ def test_daemon_killed_three_times_mid_workchain(isolated, services, dm21_checkp
     assert disturbed['n_workflows_in_profile'] == 2
     if os.environ.get('AIIDA_DM21_DAEMON_RESTARTS_VERBOSE'):
         print(aiida.logs(tail=20000))
+
+
+# --- the checks themselves: each catches what it is there for ----------------------------------------------
+
+
+def _summary(jobs: list[dict]) -> dict:
+    return {
+        'process_state': 'finished',
+        'exit_status': 0,
+        'calcjobs': jobs,
+        'report': [],
+        'output_density': jobs[-1]['output_density'],
+    }
+
+
+def _jobs() -> list[dict]:
+    """Four CalcJobs as an undisturbed run leaves them (what ``chain-summary`` reports)."""
+    jobs = []
+    for i, (label, status, cycles) in enumerate(zip(LABELS, [400, 400, 400, 0], [1, 2, 4, 8], strict=True)):
+        jobs.append(
+            {
+                'label': label,
+                'process_state': 'finished',
+                'exit_status': status,
+                'inputs': {'max_cycle': cycles},
+                'job_id': str(100 + i),
+                'restart_density': f'density-{i - 1}' if i else None,
+                'output_density': f'density-{i}',
+                'converged': status == 0,
+            }
+        )
+    return jobs
+
+
+@pytest.mark.parametrize(
+    'damage',
+    [
+        'duplicate',  # a CalcJob launched twice for one iteration
+        'lost',  # an iteration without its CalcJob
+        'rerun_job',  # two CalcJobs sharing one scheduler job
+        'handler_twice',  # max_cycle doubled twice: a handler applied again on reload
+        'wrong_density',  # a restart from another density than its predecessor's
+        'excepted',  # a CalcJob that did not finish
+    ],
+)
+def test_check_chain_catches(damage):
+    jobs = _jobs()
+    _check_chain(_summary(jobs), '')  # the intact chain passes
+    if damage == 'duplicate':
+        jobs.insert(2, {**jobs[1], 'job_id': '999'})
+    elif damage == 'lost':
+        del jobs[2]
+    elif damage == 'rerun_job':
+        jobs[2]['job_id'] = jobs[1]['job_id']
+    elif damage == 'handler_twice':
+        jobs[2]['inputs'] = {'max_cycle': 8}
+    elif damage == 'wrong_density':
+        jobs[3]['restart_density'] = 'density-0'
+    else:
+        jobs[1]['process_state'] = 'excepted'
+    with pytest.raises(AssertionError):
+        _check_chain(_summary(jobs), '')
