@@ -49,6 +49,11 @@ except ImportError:  # pragma: no cover - exercised only on platforms without nu
     numba = None
 
 _FASTMATH = {'reassoc', 'contract', 'nsz', 'arcp'}  # vectorisable sums; no assumptions about NaN or inf
+#: Without ``reassoc``, for the kernels whose sums LLVM otherwise orders differently when numba loads them from
+#: its disk cache than when it has just compiled them (numba/numba#10617: a cached ``parallel=True`` function is
+#: optimised anew): the first SCF after a cold cache then gave other energies than the later ones (1e-8 Ha).
+#: As fast here (they are memory-bound); ``tests/test_kernel_cache.py`` compares all kernels compiled and cached.
+_FASTMATH_ORDERED = _FASTMATH - {'reassoc'}
 
 
 _WORKING: bool | None = None
@@ -119,12 +124,17 @@ def _self_check() -> bool:
     return bool(ok)
 
 
-def _compiled(func):
-    """numba's parallel JIT, cached on disk where numba finds a writable place (else compiled per process)."""
+def _compiled(func=None, *, fastmath: set[str] = _FASTMATH):
+    """numba's parallel JIT, cached on disk where numba finds a writable place (else compiled per process).
+
+    ``@_compiled`` with the flags :data:`_FASTMATH`, ``@_compiled(fastmath=...)`` with others.
+    """
+    if func is None:
+        return lambda f: _compiled(f, fastmath=fastmath)
     try:
-        return njit(parallel=True, fastmath=_FASTMATH, cache=True)(func)
+        return njit(parallel=True, fastmath=fastmath, cache=True)(func)
     except RuntimeError:  # no writable cache location (read-only install and home)
-        return njit(parallel=True, fastmath=_FASTMATH)(func)
+        return njit(parallel=True, fastmath=fastmath)(func)
 
 
 if numba is not None:
@@ -213,7 +223,7 @@ if numba is not None:
             mean[i] = m32
             rstd[i] = rs32
 
-    @_compiled
+    @_compiled(fastmath=_FASTMATH_ORDERED)
     def _elu_layer_norm_backward(grad_h, h, a, b, mean, rstd, gamma, grad_z):  # pragma: no cover - compiled
         rows, width = a.shape
         one = np.float32(1.0)
@@ -273,7 +283,7 @@ if numba is not None:
                         e += nu_x[w, g, s, b] * xs[g, s, b]
                     hfx[w, g, s] = -0.5 * e
 
-    @_compiled
+    @_compiled(fastmath=_FASTMATH_ORDERED)
     def _point_potential(ao, nu_x, idx, v_rho, v_grad, v_tau, v_hf, out):  # pragma: no cover - compiled
         n_omega, points, spins, n_kept = nu_x.shape
         nao = ao.shape[2]

@@ -1,4 +1,4 @@
-"""Driver run as a subprocess by ``test_backends.py`` and ``test_archive.py``, in a profile of its own.
+"""Driver run as a subprocess by the tests of private AiiDA set-ups (backends, archive, Slurm, daemon restarts).
 
 It is executed with the test session's Python under a private ``AIIDA_PATH`` (never the in-process test
 profile) and loads that folder's default profile.  Each command prints one JSON object as the last line of
@@ -12,6 +12,9 @@ its stdout::
     python backend_driver.py slurm-dry-run --computer L --checkpoint F --options JSON --parameters JSON
     python backend_driver.py slurm-reference --computer L --options JSON [--wait T]  # dm21.reference_data, H+ and H
     python backend_driver.py slurm-train --computer L --dataset PK --checkpoint F --options JSON [--wait T]
+    python backend_driver.py restart-chain --checkpoint F     # dm21.scf workchain, stretched LiH: four CalcJobs
+    python backend_driver.py watch --pk PK --calcjobs N [--submitted] [--timeout 120]  # until its N-th CalcJob
+    python backend_driver.py chain-summary --pk PK [--timeout 240]  # wait, then each CalcJob of the workchain
 
 ``submit`` sets up what a fresh profile lacks (a ``localhost`` computer with ``core.local``/``core.direct`` and
 an ``InstalledCode`` ``dm21-python`` whose executable is this Python), stores the checkpoint and submits one
@@ -23,8 +26,13 @@ The ``slurm-*`` commands (``test_slurm.py``) make a ``core.slurm`` computer (``c
 CalcJob's scheduler job id, its retrieved scheduler stdout and the ``_aiidasubmit.sh`` read back from the remote
 working directory through the computer's own transport.
 
-The tests import :class:`IsolatedAiida` from this file (by path): the test-side handle of such a private
-``AIIDA_PATH``, which runs ``verdi``, this driver and the daemon there and always stops the daemon.
+``restart-chain``, ``watch`` and ``chain-summary`` (``test_daemon_restarts.py``) submit a ``dm21.scf`` workchain
+that needs four CalcJobs in sequence, wait for a moment of it (its N-th CalcJob created, or with its job at the
+scheduler) and report its CalcJobs: call label, states, job id, inputs, energy and restart density.
+
+The tests import :class:`IsolatedAiida` from this file (by path, in ``conftest.py``): the test-side handle of
+such a private ``AIIDA_PATH``, which runs ``verdi``, this driver and the daemon there (also crashes it:
+:meth:`IsolatedAiida.kill_daemon`) and always stops the daemon.
 """
 
 from __future__ import annotations
@@ -44,6 +52,9 @@ import typing as t
 from pathlib import Path
 
 H2 = [('H', (0.0, 0.0, 0.0)), ('H', (0.0, 0.0, 0.74))]
+#: the services of ``.ci/services.sh``: PostgreSQL (trust authentication for ``postgres``) and RabbitMQ (guest)
+PG = {'host': '127.0.0.1', 'port': 5432, 'user': 'postgres'}
+RABBITMQ = ('127.0.0.1', 5672)
 
 
 def _load():
@@ -433,6 +444,114 @@ def slurm_train(args) -> dict:
     return result
 
 
+# --- daemon restarts (test_daemon_restarts.py) ------------------------------------------------------------
+
+#: stretched LiH from the core-Hamiltonian guess with max_cycle 1: the dm21.scf workchain restarts three times
+#: (400 with 1, 2 and 4 cycles, then the Newton solver converges), four CalcJobs in sequence (test_scf_workchain.py)
+LIH_STRETCHED = [('Li', (0.0, 0.0, 0.0)), ('H', (0.0, 0.0, 2.4))]
+
+
+def restart_chain(args) -> dict:
+    """Submit the ``dm21.scf`` workchain of stretched LiH that needs four CalcJobs on ``localhost``."""
+    _load()
+    from aiida import orm
+    from aiida.engine import submit as submit_process
+    from aiida.plugins import DataFactory, WorkflowFactory
+
+    computer = _localhost()
+    structure = orm.StructureData(pbc=(False, False, False))
+    for symbol, position in LIH_STRETCHED:
+        structure.append_atom(symbols=symbol, position=position)
+    builder = WorkflowFactory('dm21.scf').get_builder()
+    builder.scf.code = _code(computer)
+    builder.scf.structure = structure
+    builder.scf.checkpoint = DataFactory('dm21.checkpoint').get_or_create(args.checkpoint)
+    builder.scf.parameters = orm.Dict({'basis': 'sto-3g', 'grid_level': 0, 'max_cycle': 1, 'init_guess': '1e'})
+    builder.scf.metadata.options.max_wallclock_seconds = 600
+    node = submit_process(builder)
+    return {'pk': node.pk, 'uuid': node.uuid}
+
+
+def _chain_calcjobs(pk: int) -> list[dict]:
+    """The CalcJobs the workchain ``pk`` called, oldest first, read with a fresh query (the daemon writes them)."""
+    from aiida import orm
+    from aiida.manage import get_manager
+
+    get_manager().get_profile_storage().get_session().rollback()
+    builder = orm.QueryBuilder()
+    builder.append(orm.WorkflowNode, filters={'id': pk}, tag='chain')
+    builder.append(
+        orm.CalcJobNode,
+        with_incoming='chain',
+        edge_project=['label'],
+        project=['id', 'attributes.process_state', 'attributes.state', 'attributes.job_id', 'attributes.exit_status'],
+    )
+    rows = sorted(builder.all(), key=lambda row: row[0])
+    keys = ('pk', 'process_state', 'calc_state', 'job_id', 'exit_status', 'label')
+    return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+#: the ``CalcJobState`` values of a CalcJob from its job's submission on (a terminated one has none left)
+_FROM_SUBMITTED = ('withscheduler', 'retrieving', 'parsing')
+_TERMINATED = ('finished', 'excepted', 'killed')
+
+
+def watch(args) -> dict:
+    """Wait until the workchain ``pk`` has called ``--calcjobs`` CalcJobs (and, with ``--submitted``, the last of
+    them has its job with the scheduler or is further on), or has terminated; what it looks like then."""
+    _load()
+    start = time.monotonic()
+    while True:
+        state, _ = _state(args.pk)
+        jobs = _chain_calcjobs(args.pk)
+        last = jobs[args.calcjobs - 1] if len(jobs) >= args.calcjobs else None
+        reached = last is not None and (
+            not args.submitted or last['calc_state'] in _FROM_SUBMITTED or last['process_state'] in _TERMINATED
+        )
+        terminated = state in _TERMINATED
+        if reached or terminated or time.monotonic() - start > args.timeout:
+            return {'reached': reached, 'process_state': state, 'waited_s': round(time.monotonic() - start, 1),
+                    'calcjobs': jobs}  # fmt: skip
+        time.sleep(0.1)
+
+
+def chain_summary(args) -> dict:
+    """Wait for the workchain ``pk`` (as ``wait``), then each CalcJob of it and of the whole profile: its call
+    label, states, job id, parameters, energy, and which density it restarted from."""
+    _load()
+    from aiida import orm
+
+    result = _wait(args.pk, args.timeout)
+    node = orm.load_node(args.pk)
+    jobs = []
+    for entry in _chain_calcjobs(args.pk):
+        calc = orm.load_node(entry['pk'])
+        parameters = calc.outputs.output_parameters.get_dict() if 'output_parameters' in calc.outputs else {}
+        restart = calc.inputs.restart_density.uuid if 'restart_density' in calc.inputs else None
+        density = calc.outputs.output_density.uuid if 'output_density' in calc.outputs else None
+        entry.update(
+            uuid=calc.uuid,
+            is_finished_ok=calc.is_finished_ok,
+            inputs=calc.inputs.parameters.get_dict(),
+            e_tot=parameters.get('e_tot'),
+            cycles=parameters.get('cycles'),
+            converged=parameters.get('converged'),
+            restart_density=restart,
+            output_density=density,
+            remote_path=calc.outputs.remote_folder.get_remote_path() if 'remote_folder' in calc.outputs else None,
+        )
+        jobs.append(entry)
+    logs = sorted(orm.Log.collection.get_logs_for(node), key=lambda log: log.time)
+    result.update(
+        calcjobs=jobs,
+        n_calcjobs_in_profile=orm.QueryBuilder().append(orm.CalcJobNode).count(),
+        n_workflows_in_profile=orm.QueryBuilder().append(orm.WorkflowNode).count(),
+        report=[log.message for log in logs],
+        output_density=node.outputs.output_density.uuid if 'output_density' in node.outputs else None,
+    )
+    return result
+
+
 # --- the test side: a private AIIDA_PATH driven through subprocesses ---------------------------------------
 
 
@@ -453,6 +572,8 @@ class IsolatedAiida:
         self.env['PATH'] = os.pathsep.join([str(Path(sys.executable).parent), self.env.get('PATH', '')])
         self.env['PYTHONUNBUFFERED'] = '1'
         self.timings: list[tuple[str, float]] = []  # (command, seconds), for the record
+        self._processes: list = []  # psutil processes of the daemons started here
+        self._sockets: set[Path] = set()  # their circus socket folders
 
     @property
     def config_dir(self) -> Path:
@@ -487,10 +608,31 @@ class IsolatedAiida:
             parts.append(f'--- {path.name}\n{path.read_text(errors="replace")[-tail:]}')
         return '\n'.join(parts)
 
+    def setup_psql_rabbitmq(self, services: dict) -> None:
+        """``verdi profile setup core.psql_dos`` with RabbitMQ: the database and user ``services['name']``
+        (``services['password']``) at :data:`PG`, the broker at :data:`RABBITMQ`, vhost ``services['vhost']``
+        (the default one if empty); the ``services`` fixture of ``conftest.py`` makes them."""
+        self.verdi(
+            'profile', 'setup', 'core.psql_dos', '--non-interactive', '--profile-name', self.profile,
+            '--set-as-default', '--email', 'dm21@test', '--first-name', 'DM21', '--last-name', 'Test',
+            '--institution', 'aiida-dm21', '--database-hostname', PG['host'], '--database-port', str(PG['port']),
+            '--database-username', services['name'], '--database-password', services['password'],
+            '--database-name', services['name'], '--repository-uri', (self.root / 'repository').as_uri(),
+            '--broker', 'core.rabbitmq',
+        )  # fmt: skip
+        if services['vhost']:  # `--broker core.rabbitmq` above took the defaults (guest@127.0.0.1:5672, vhost '/')
+            self.verdi(
+                'profile', 'configure-broker', 'core.rabbitmq', self.profile, '--non-interactive', '--force',
+                '--broker-protocol', 'amqp', '--broker-username', 'guest', '--broker-password', 'guest',
+                '--broker-host', RABBITMQ[0], '--broker-port', str(RABBITMQ[1]),
+                '--broker-virtual-host', services['vhost'],
+            )  # fmt: skip
+
     # --- the daemon --------------------------------------------------------------------------------------------
 
-    def _daemon_processes(self) -> list:
-        """The circus process of this profile's daemon and its descendants (workers, ZeroMQ broker)."""
+    def _daemon_processes(self, recursive: bool = True) -> list:
+        """The circus process of this profile's daemon and its descendants (workers, ZeroMQ broker), or only its
+        children with ``recursive=False``."""
         try:
             import psutil
         except ImportError:  # pragma: no cover (circus, hence aiida-core, depends on psutil)
@@ -498,30 +640,65 @@ class IsolatedAiida:
         pid_file = self.config_dir / 'daemon' / f'circus-{self.profile}.pid'
         try:
             circus = psutil.Process(int(pid_file.read_text().strip()))
-            return [circus, *circus.children(recursive=True)]
+            return [circus, *circus.children(recursive=recursive)]
         except (OSError, ValueError, psutil.Error):
             return []
 
+    def _remember(self) -> None:
+        """Record the daemon's processes and its circus socket folder, to end and remove them in the end."""
+        self._processes += [p for p in self._daemon_processes() if p not in self._processes]
+        sockets_file = self.config_dir / 'daemon' / f'circus-{self.profile}.sockets'
+        if sockets_file.is_file():
+            self._sockets.add(Path(sockets_file.read_text().strip()))
+
+    def start_daemon(self, workers: int = 1) -> float:
+        """``verdi daemon start``; the seconds it took."""
+        start = time.monotonic()
+        self.verdi('-p', self.profile, 'daemon', 'start', '--timeout', '60', str(workers), timeout=120)
+        elapsed = time.monotonic() - start
+        self._remember()
+        return elapsed
+
+    def daemon_workers(self) -> list:
+        """The ``psutil`` processes of the daemon's workers (the children of circus that run ``daemon worker``)."""
+        return [p for p in self._daemon_processes(recursive=False)[1:] if 'worker' in p.cmdline()]
+
+    def kill_daemon(self) -> list[int]:
+        """A crash of the daemon: SIGKILL to circus, then at once to its children (the workers, a ZeroMQ broker), so
+        that no shutdown code runs; returns their PIDs once all are gone.  The jobs of the ``core.direct`` scheduler
+        are not children of circus (their shell has exited): they keep running, as on a cluster."""
+        import psutil
+
+        self._remember()
+        processes = self._daemon_processes(recursive=False)
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        _, alive = psutil.wait_procs(processes, timeout=30)
+        if alive:
+            raise AssertionError(f'daemon processes survived SIGKILL: {alive}')
+        return [p.pid for p in processes]
+
+    def stop_daemon(self) -> None:
+        """``verdi daemon stop``; then end any process of this daemon still alive (by PID, recorded while it ran) and
+        remove the circus socket folders (they live in a temporary folder outside ``AIIDA_PATH``, path length)."""
+        self._remember()
+        self.verdi('-p', self.profile, 'daemon', 'stop', '--timeout', '60', timeout=120, check=False)
+        _end_processes(self._processes)
+        self._processes = []
+        for sockets in self._sockets:
+            if sockets.parent == Path(tempfile.gettempdir()):
+                shutil.rmtree(sockets, ignore_errors=True)
+        self._sockets = set()
+
     @contextlib.contextmanager
     def daemon(self, workers: int = 1) -> t.Iterator[float]:
-        """``verdi daemon start``; yields the seconds it took.  Always ``verdi daemon stop`` on exit, and ends any
-        process of this daemon that is still alive after it (by PID, recorded while it ran)."""
-        processes: list = []
-        sockets_file = self.config_dir / 'daemon' / f'circus-{self.profile}.sockets'
+        """``verdi daemon start``; yields the seconds it took.  Always :meth:`stop_daemon` on exit, also after
+        :meth:`kill_daemon` and :meth:`start_daemon` inside."""
         try:
-            start = time.monotonic()
-            self.verdi('-p', self.profile, 'daemon', 'start', '--timeout', '60', str(workers), timeout=120)
-            elapsed = time.monotonic() - start
-            processes = self._daemon_processes()
-            yield elapsed
+            yield self.start_daemon(workers)
         finally:
-            processes += [p for p in self._daemon_processes() if p not in processes]
-            # circus's sockets live in a temporary folder outside AIIDA_PATH (path length); it stays behind
-            sockets = Path(sockets_file.read_text().strip()) if sockets_file.is_file() else None
-            self.verdi('-p', self.profile, 'daemon', 'stop', '--timeout', '60', timeout=120, check=False)
-            _end_processes(processes)
-            if sockets is not None and sockets.parent == Path(tempfile.gettempdir()):
-                shutil.rmtree(sockets, ignore_errors=True)
+            self.stop_daemon()
 
 
 def _end_processes(processes: list, grace: float = 10.0) -> None:
@@ -574,6 +751,19 @@ def main(argv: list[str] | None = None) -> int:
         one.add_argument('--grid-level', type=int, default=0)
         one.add_argument('--dataset', type=int)
         one.set_defaults(func=func)
+    one = commands.add_parser('restart-chain')
+    one.add_argument('--checkpoint', required=True)
+    one.set_defaults(func=restart_chain)
+    one = commands.add_parser('watch')
+    one.add_argument('--pk', type=int, required=True)
+    one.add_argument('--calcjobs', type=int, required=True, help='wait until the workchain called this many')
+    one.add_argument('--submitted', action='store_true', help='... and the last of them has its job submitted')
+    one.add_argument('--timeout', type=float, default=120.0)
+    one.set_defaults(func=watch)
+    one = commands.add_parser('chain-summary')
+    one.add_argument('--pk', type=int, required=True)
+    one.add_argument('--timeout', type=float, default=240.0)
+    one.set_defaults(func=chain_summary)
     one = commands.add_parser('slurm-dry-run')
     one.add_argument('--computer', required=True)
     one.add_argument('--checkpoint', required=True)

@@ -9,9 +9,14 @@ the autouse session fixture ``aiida_profile`` makes a throw-away ``core.sqlite_d
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
+import socket
+import subprocess
 import sys
 import typing as t
+import uuid
 from pathlib import Path
 
 import pytest
@@ -145,3 +150,94 @@ def run_h2_scf(python_code, checkpoint_node):
         return results, node
 
     return run
+
+
+# --- private AiiDA set-ups in subprocesses (backend_driver.py) ----------------------------------------------
+
+
+def _driver_module():
+    spec = importlib.util.spec_from_file_location('dm21_backend_driver', Path(__file__).with_name('backend_driver.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_DRIVER = _driver_module()
+IsolatedAiida = _DRIVER.IsolatedAiida
+PG, RABBITMQ = _DRIVER.PG, _DRIVER.RABBITMQ
+
+
+@pytest.fixture
+def isolated(tmp_path):
+    """``isolated(profile)``: an :class:`IsolatedAiida` under ``tmp_path``; prints the time of each command after."""
+    made = []
+
+    def factory(profile: str):
+        made.append(IsolatedAiida(tmp_path / 'aiida', profile))
+        return made[-1]
+
+    yield factory
+    for aiida in made:
+        print('\n'.join(f'{seconds:6.1f} s  {command}' for command, seconds in aiida.timings))
+
+
+def _services_problem() -> str | None:
+    """Why PostgreSQL or RabbitMQ cannot be used here, or ``None``."""
+    try:
+        import psycopg
+    except ImportError:
+        return 'psycopg is not installed'
+    try:
+        psycopg.connect(dbname='postgres', connect_timeout=5, **PG).close()
+    except psycopg.Error as exc:
+        return f'PostgreSQL is not reachable at {PG["host"]}:{PG["port"]} as {PG["user"]}: {exc}'
+    try:
+        socket.create_connection(RABBITMQ, timeout=5).close()
+    except OSError as exc:
+        return f'RabbitMQ is not reachable at {RABBITMQ[0]}:{RABBITMQ[1]}: {exc}'
+    return None
+
+
+def _rabbitmqctl(*args: str) -> bool:
+    if shutil.which('rabbitmqctl') is None:
+        return False
+    done = subprocess.run(['rabbitmqctl', *args], capture_output=True, text=True, timeout=60, check=False)
+    return done.returncode == 0
+
+
+@pytest.fixture
+def services():
+    """A new PostgreSQL user and database and a RabbitMQ vhost (default vhost if ``rabbitmqctl`` cannot make
+    one), all named ``dm21_test_<random>``; dropped afterwards."""
+    problem = _services_problem()
+    if problem:
+        message = f'PostgreSQL + RabbitMQ test needs both services (start them with .ci/services.sh): {problem}'
+        if os.environ.get('AIIDA_DM21_REQUIRE_SERVICES'):
+            pytest.fail(message)  # CI starts the services: a skip there would hide a broken set-up
+        pytest.skip(message)
+    import psycopg
+    from psycopg import sql
+
+    name = f'dm21_test_{uuid.uuid4().hex[:10]}'
+    password = uuid.uuid4().hex
+    vhost = ''
+    try:  # everything below is undone in `finally`, also after a partial setup
+        with psycopg.connect(dbname='postgres', autocommit=True, **PG) as connection:
+            connection.execute(sql.SQL('CREATE USER {} WITH PASSWORD {}').format(sql.Identifier(name), password))
+            connection.execute(
+                sql.SQL("CREATE DATABASE {} OWNER {} ENCODING 'UTF8' TEMPLATE template0").format(
+                    sql.Identifier(name), sql.Identifier(name)
+                )
+            )
+        if _rabbitmqctl('add_vhost', name):
+            vhost = name
+            if not _rabbitmqctl('set_permissions', '-p', vhost, 'guest', '.*', '.*', '.*'):
+                _rabbitmqctl('delete_vhost', vhost)
+                vhost = ''
+        yield {'name': name, 'password': password, 'vhost': vhost}
+    finally:
+        if vhost:
+            _rabbitmqctl('delete_vhost', vhost)
+        with psycopg.connect(dbname='postgres', autocommit=True, **PG) as connection:
+            connection.execute(sql.SQL('DROP DATABASE IF EXISTS {} WITH (FORCE)').format(sql.Identifier(name)))
+            connection.execute(sql.SQL('DROP USER IF EXISTS {}').format(sql.Identifier(name)))
