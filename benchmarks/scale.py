@@ -62,7 +62,7 @@ SYSTEMS: dict[str, tuple] = {
 }
 
 
-def _run_one(key: str, device: str, queue, integral_threads: int | None = None) -> None:
+def _run_one(key: str, device: str, queue) -> None:
     import io
 
     from pyscf import dft, gto
@@ -82,7 +82,7 @@ def _run_one(key: str, device: str, queue, integral_threads: int | None = None) 
     dm = b3.make_rdm1()
     log = io.StringIO()
     mol.verbose, mol.stdout = 3, log  # the SCF's one line on the integral path, nothing else at this level
-    mf = KS(mol, 'DM21', device=device, integral_threads=integral_threads)
+    mf = KS(mol, 'DM21', device=device)
     mf.stdout = log
     t0 = time.perf_counter()
     mf.kernel(dm0=dm)
@@ -107,10 +107,10 @@ def _run_one(key: str, device: str, queue, integral_threads: int | None = None) 
     )
 
 
-def run_system(key: str, device: str, timeout: float, integral_threads: int | None = None) -> dict:
+def run_system(key: str, device: str, timeout: float) -> dict:
     ctx = multiprocessing.get_context('spawn')
     queue = ctx.Queue()
-    proc = ctx.Process(target=_run_one, args=(key, device, queue, integral_threads))
+    proc = ctx.Process(target=_run_one, args=(key, device, queue))
     proc.start()
     try:
         return queue.get(timeout=timeout)
@@ -134,18 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N (refused where there is no GPU)')
     parser.add_argument('--timeout', type=float, default=3600.0, help='seconds per system (default 3600)')
     parser.add_argument('--json', help='also write the rows to this file')
-    parser.add_argument(
-        '--integral-threads',
-        type=int,
-        nargs='+',
-        default=[None],
-        help='DM21NumInt(integral_threads=...) values to compare (each system runs once per value)',
-    )
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         parser.error('--timeout must be positive')
-    if any(t is not None and t < 1 for t in args.integral_threads):
-        parser.error('--integral-threads must be >= 1')
     if args.device != 'cpu':
         from aiida_dm21.functional.numint import DeviceUnavailableError, check_device
 
@@ -159,9 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(header)
     rows = []
-    for key, threads in ((k, t) for k in args.systems for t in args.integral_threads):
-        row = run_system(key, args.device, args.timeout, threads)
-        row['integral_threads'] = threads
+    for key in args.systems:
+        row = run_system(key, args.device, args.timeout)
         rows.append(row)
         if 'error' in row:
             print(f'{row["system"]:<26} {row["error"]}', flush=True)
@@ -169,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f'{row["system"]:<26} {row["atoms"]:>5} {row["ngrid"]:>8} {row["nao"]:>5} '
             f'{row["b3lyp_s"]:>9.1f} ({row["b3lyp_cycles"]:>2}) {row["dm21_s"]:>9.1f} ({row["dm21_cycles"]:>2}) '
-            f'{row["dm21_s"] / row["b3lyp_s"]:>6.1f} {row["peak_rss_gb"]:>8.2f}  {row["path"]}'
-            f' [nu {row["timings"]["integrals_computed"]:.1f} s, integral_threads {threads or 1}]',
+            f'{row["dm21_s"] / row["b3lyp_s"]:>6.1f} {row["peak_rss_gb"]:>8.2f}  {row["path"]}',
             flush=True,
         )
     alkanes = [r for r in rows if r['key'] in {f'c{n}' for n in ALKANES} and 'error' not in r]

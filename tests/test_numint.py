@@ -153,25 +153,6 @@ def test_packed_grid_integrals_equal_numpy_indexing(dtype):
     assert np.array_equal(packed, expected)
 
 
-@pytest.mark.parametrize('threads', [2, 3])
-def test_threaded_integrals_equal_single_threaded(dm21_network, threads):
-    """integral_threads splits a block's points between threads: the same numbers, bit for bit, in the same order."""
-    mol = gto.M(atom=WATER, basis='cc-pvdz', verbose=0)
-    coords = np.random.default_rng(2).normal(size=(301, 3))
-    shells = np.array([0, 2, 3, 5, 8])  # a screened subset, not contiguous
-    k = int(sum((2 * mol.bas_angular(i) + 1) * mol.bas_nctr(i) for i in shells))
-    single = DM21NumInt(dm21_network)._nu(mol, coords, shells, k)
-    threaded = DM21NumInt(dm21_network, integral_threads=threads)._nu(mol, coords, shells, k)
-    assert single.shape == (2, 301, k * (k + 1) // 2)
-    assert torch.equal(single, threaded)
-
-
-@pytest.mark.parametrize('value', [0, -1, 1.5, True, '2'])
-def test_integral_threads_refused(dm21_network, value):
-    with pytest.raises(ValueError, match='integral_threads must be an integer >= 1'):
-        DM21NumInt(dm21_network, integral_threads=value)
-
-
 def test_bad_input_is_refused_clearly(dm21_network, tmp_path):
     with pytest.raises(ValueError, match='closed-shell'):
         RKS(_lih(spin=2), dm21_network)

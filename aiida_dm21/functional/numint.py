@@ -16,9 +16,7 @@ says which path was taken (docs/core.md).
 
 from __future__ import annotations
 
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,28 +93,6 @@ def check_screening(value: float) -> float:
     return threshold
 
 
-#: Fewest grid points a thread of the nu integrals gets (below, one thread does the block).
-_MIN_POINTS_PER_THREAD = 64
-_PACK_LOCK = threading.Lock()
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _integral_pool(workers: int) -> ThreadPoolExecutor:
-    pool = _POOLS.get(workers)
-    if pool is None:
-        pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix='dm21-nu')
-    return pool
-
-
-def check_integral_threads(value: int | None) -> int:
-    """Threads for the nu integrals: None is 1 (libcint's own OpenMP threads); else an integer >= 1."""
-    if value is None:
-        return 1
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f'integral_threads must be an integer >= 1 (or None), got {value!r}')
-    return int(value)
-
-
 def check_supported_molecule(mol) -> None:
     """Raise :class:`UnsupportedSystemError` for systems DM21 cannot treat, with the reason."""
     if getattr(mol, 'a', None) is not None or type(mol).__module__.startswith('pyscf.pbc'):
@@ -188,7 +164,6 @@ class DM21NumInt(pyscf_numint.NumInt):
         nu_dtype: torch.dtype = torch.float32,
         memory_budget_mb: float | None = None,
         device: str | torch.device = 'cpu',
-        integral_threads: int | None = None,
     ) -> None:
         super().__init__()
         self.device = check_device(device)
@@ -201,7 +176,6 @@ class DM21NumInt(pyscf_numint.NumInt):
             raise ValueError(f'nu_dtype must be torch.float32 or torch.float64, got {nu_dtype}')
         self.nu_dtype = nu_dtype
         self.memory_budget_mb = memory_budget_mb
-        self.integral_threads = check_integral_threads(integral_threads)
         self.timings = Timings()
         self._cache_key: tuple | None = None
         self._plan_cache: _Plan | None = None
@@ -362,44 +336,22 @@ class DM21NumInt(pyscf_numint.NumInt):
         libcint is handed the sub-list of shells directly (their atoms and exponents stay in ``mol._env``), so
         screened-out shells cost nothing.  PySCF returns the grid index fastest; every evaluation contracts
         over the AO indices, so (omega, g, b, d) is stored contiguous once (:func:`kernels.pack_grid_integrals`),
-        from one scratch buffer that both omegas reuse.  With :attr:`integral_threads` > 1 the block's points
-        are split between that many Python threads, each calling libcint single-threaded (libcint's own
-        OpenMP loop over ``int1e_grids`` gains little from a second thread here: docs/performance.md).
+        from one scratch buffer that both omegas reuse.
         """
         g = len(coords)
         out = np.empty((len(self.omegas), g, k * (k + 1) // 2), dtype=_numpy_dtype(self.nu_dtype))
         if k:
+            scratch = np.empty(g * k * k)
             bas = np.ascontiguousarray(mol._bas[shells])
-            workers = min(self.integral_threads, max(1, g // _MIN_POINTS_PER_THREAD))
-            if workers <= 1:
-                self._nu_points(mol, bas, coords, k, out)
-            else:
-                bounds = np.linspace(0, g, workers + 1).astype(int)
-                lock = _PACK_LOCK  # numba's parallel kernels must not run from two threads at once
-
-                def part(i: int) -> None:
-                    pyscf_lib.num_threads(1)  # this thread's OpenMP setting only
-                    self._nu_points(mol, bas, coords[bounds[i] : bounds[i + 1]], k, out, bounds[i], lock)
-
-                list(_integral_pool(workers).map(part, range(workers)))
+            env = np.append(mol._env, coords.ravel())
+            env[gto.mole.NGRIDS] = g
+            env[gto.mole.PTR_GRIDS] = env.size - coords.size
+            intor = mol._add_suffix('int1e_grids')
+            for i, omega in enumerate(self.omegas):
+                env[gto.mole.PTR_RANGE_OMEGA] = omega
+                full = gto.moleintor.getints(intor, mol._atm, bas, env, hermi=1, out=scratch)
+                kernels.pack_grid_integrals(full, out[i])
         return torch.from_numpy(out).to(self.device)
-
-    def _nu_points(self, mol, bas, coords, k: int, out: np.ndarray, start: int = 0, lock=None) -> None:
-        """Fill ``out[:, start : start + len(coords)]`` with the packed integrals of ``coords`` (see :meth:`_nu`)."""
-        g = len(coords)
-        scratch = np.empty(g * k * k)
-        env = np.append(mol._env, np.ascontiguousarray(coords).ravel())
-        env[gto.mole.NGRIDS] = g
-        env[gto.mole.PTR_GRIDS] = env.size - 3 * g
-        intor = mol._add_suffix('int1e_grids')
-        for i, omega in enumerate(self.omegas):
-            env[gto.mole.PTR_RANGE_OMEGA] = omega
-            full = gto.moleintor.getints(intor, mol._atm, bas, env, hermi=1, out=scratch)
-            if lock is None:
-                kernels.pack_grid_integrals(full, out[i, start : start + g])
-            else:
-                with lock:
-                    kernels.pack_grid_integrals(full, out[i, start : start + g])
 
     def _plan(self, mol, grids, max_memory: float | None) -> _Plan:
         key = (id(mol), mol.nao, id(grids.coords), len(grids.weights), self.omegas, self.screening, self.nu_dtype)
