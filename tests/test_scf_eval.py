@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -154,6 +155,8 @@ def test_training_reports_scf_and_fractional_metrics(dm21m, tmp_path):
         assert curve['max_abs_deviation_mha'] == pytest.approx(max(abs(d) for d in curve['deviation_mha']))
         assert 0 < curve['max_abs_deviation_mha'] < 60  # DM21m (not trained on FC): 30 mHa below the line at δ = ½
     json.dumps(result.metrics, allow_nan=False)  # nothing non-finite
+    if importlib.util.find_spec('matplotlib') is None:
+        return  # the PNG needs the `plot` extra; the PySCF 2.3 CI job has none (everything above was checked)
     png = plot_curves(
         {
             'initial': result.metrics['before']['scf']['fractional_charge'],

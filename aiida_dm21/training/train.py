@@ -38,6 +38,7 @@ loss curve is the single process's to rounding (``tests/test_distributed.py``).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -572,7 +573,14 @@ def _train_job(config_path: Path, workdir: Path, versions: dict[str, str], threa
         for label, which in (('initial', 'before'), ('trained', 'after'))
     }
     if any(curves.values()):
-        plot_curves(curves, workdir / FRACTIONAL_PLOT)
+        if importlib.util.find_spec('matplotlib') is None:  # the `plot` extra: the numbers are in metrics.json anyway
+            print(
+                'aiida-dm21 train: the fractional-charge plot is not drawn: matplotlib is not installed on this node '
+                '(pip install "aiida-dm21[plot]"); the curve is in metrics.json',
+                file=sys.stderr,
+            )
+        else:
+            plot_curves(curves, workdir / FRACTIONAL_PLOT)
     tmp = workdir / 'history.npz.tmp'
     with tmp.open('wb') as handle:
         np.savez(handle, **result.history)
