@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .model import LDA_X_FACTOR
-from .numint import DM21NumInt, _ao_products, _unpack
+from .numint import DM21NumInt, _ao_products, _feature_matrix, _unpack
 
 __all__ = ['xc_kernel_product']
 
@@ -43,17 +43,11 @@ def _block_energy(numint: DM21NumInt, ao: torch.Tensor, nu: torch.Tensor, idx: t
     nu_full = _unpack(nu, len(idx)).to(dm.dtype)  # (n_omega, g, k, k)
     nu_x = torch.einsum('wgbd,sgd->swgb', nu_full, xs)
     hfx = -0.5 * (nu_x * xs.unsqueeze(1)).sum(-1)  # (ns, n_omega, g)
-    if rho.shape[0] == 1:  # one density matrix serves both spin channels
-        rho, grad, tau, hfx = rho.expand(2, -1), grad.expand(2, -1, -1), tau.expand(2, -1), hfx.expand(2, -1, -1)
-    sigma_a, sigma_b = (grad[0] ** 2).sum(0), (grad[1] ** 2).sum(0)
-    sigma = ((grad[0] + grad[1]) ** 2).sum(0)
-    feats = torch.stack(
-        [rho[0], rho[1], sigma, sigma_a, sigma_b, tau[0], tau[1], hfx[0, 0], hfx[0, 1], hfx[1, 0], hfx[1, 1]], dim=1
-    )
+    rho, _, feats, parts = _feature_matrix(rho, grad, tau, hfx)
+    # the same energy densities with rho floored in the LDA part (its clamp at 0 has no second derivative there)
     rho_floor = rho.clamp(min=_RHO_FLOOR)
     e_lda = LDA_X_FACTOR * (rho_floor[0] ** (4.0 / 3.0) + rho_floor[1] ** (4.0 / 3.0))
-    hf_total = hfx[0] + hfx[1]
-    parts = torch.stack([e_lda, hf_total[0], hf_total[1]], dim=1)
+    parts = torch.cat([e_lda.unsqueeze(1), parts[:, 1:]], dim=1)
     f = numint.network(feats.to(numint.network_dtype)).to(dm.dtype)
     return (weights * (f * parts).sum(-1)).sum()
 
