@@ -93,18 +93,25 @@ def checkpoint_table(nodes: t.Sequence[DM21CheckpointData]) -> Table:
     return table
 
 
-def checkpoint_details(node: DM21CheckpointData) -> Table:
-    """Every attribute of a checkpoint node (nested values as JSON), with its pk, UUID and file name."""
-    table = Table(title=f'dm21.checkpoint<{node.pk}>', show_header=False)
+def node_details(node, title: str, extra: t.Sequence[tuple[str, str]] = ()) -> Table:
+    """pk, UUID, creation time, label, the ``extra`` rows, then every attribute (nested values as JSON)."""
+    table = Table(title=title, show_header=False)
     table.add_column('key', style='bold')
     table.add_column('value', overflow='fold')
     table.add_row('pk', str(node.pk))
     table.add_row('uuid', node.uuid)
     table.add_row('created', node.ctime.isoformat(timespec='seconds'))
     table.add_row('label', node.label or '')
+    for key, value in extra:
+        table.add_row(key, value)
     for key, value in sorted(node.base.attributes.all.items()):
         table.add_row(key, value if isinstance(value, str) else json.dumps(value))
     return table
+
+
+def checkpoint_details(node: DM21CheckpointData) -> Table:
+    """Every attribute of a checkpoint node (nested values as JSON), with its pk, UUID and file name."""
+    return node_details(node, f'dm21.checkpoint<{node.pk}>')
 
 
 def export_checkpoint(node: DM21CheckpointData, path: Path, overwrite: bool = False) -> Path:

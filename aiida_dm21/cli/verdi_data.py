@@ -8,7 +8,6 @@ checkpoint commands do their work with the same functions as ``aiida-dm21 checkp
 
 from __future__ import annotations
 
-import json
 import typing as t
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from aiida.cmdline.commands.cmd_data import verdi_data
 from aiida.cmdline.params import arguments, types
 from aiida.cmdline.utils import decorators, echo
 
-from .aiida_cmds import checkpoint_details, checkpoint_table, export_checkpoint, stored_checkpoints
+from .aiida_cmds import checkpoint_details, checkpoint_table, export_checkpoint, node_details, stored_checkpoints
 
 if t.TYPE_CHECKING:
     from rich.table import Table
@@ -131,19 +130,7 @@ def dataset_table(nodes: t.Sequence[DM21DatasetData]) -> Table:
 
 def dataset_details(node: DM21DatasetData) -> Table:
     """Every attribute of a dataset node (nested values as JSON), with its pk, UUID, file and what made it."""
-    from rich.table import Table
-
-    table = Table(title=f'dm21.dataset<{node.pk}>', show_header=False)
-    table.add_column('key', style='bold')
-    table.add_column('value', overflow='fold')
-    table.add_row('pk', str(node.pk))
-    table.add_row('uuid', node.uuid)
-    table.add_row('created', node.ctime.isoformat(timespec='seconds'))
-    table.add_row('label', node.label or '')
-    table.add_row('created by', _provenance(node))
-    for key, value in sorted(node.base.attributes.all.items()):
-        table.add_row(key, value if isinstance(value, str) else json.dumps(value))
-    return table
+    return node_details(node, f'dm21.dataset<{node.pk}>', [('created by', _provenance(node))])
 
 
 def _provenance(node: DM21DatasetData) -> str:
