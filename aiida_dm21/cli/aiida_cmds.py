@@ -17,7 +17,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from .aiida_support import console, ensure_code, load_profile
+from .aiida_support import CODE_LABEL, console, ensure_code, load_profile, register_code
+from .launch import computer_param_type
 
 if t.TYPE_CHECKING:
     from ..data.checkpoint import DM21CheckpointData
@@ -25,13 +26,63 @@ if t.TYPE_CHECKING:
 PROFILE = click.option('-p', '--profile', default=None, help='AiiDA profile (default: the default profile).')
 
 
+def _load_profile_creating(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if not ctx.resilient_parsing:  # before --computer is looked up in it; not while the shell completes a word
+        load_profile(value, create=True)
+    return value
+
+
 @click.command('setup')
-@PROFILE
-def setup(profile: str | None) -> None:
-    """Register this Python as the code `dm21-python` on `localhost` (creating both if missing)."""
-    load_profile(profile, create=True)
-    code = ensure_code()
-    click.echo(f'code {code.full_label} (pk {code.pk}) -> {code.filepath_executable}')
+@click.option(
+    '-p',
+    '--profile',
+    default=None,
+    is_eager=True,
+    expose_value=False,
+    callback=_load_profile_creating,
+    help='AiiDA profile (default: the loaded or default profile; a `verdi presto` one is made if there is none).',
+)
+@click.option(
+    '--computer',
+    type=computer_param_type(),
+    default=None,
+    help='AiiDA computer (label, pk or UUID) to register the code on (default: localhost, created if missing). '
+    'Set up others with `verdi computer setup`.',
+)
+@click.option(
+    '--python',
+    'python',
+    default=None,
+    metavar='PATH',
+    help='The Python on that computer that has aiida-dm21 installed (default on localhost: this Python; '
+    'required on any other computer). `python` alone means the one on PATH after --prepend-text.',
+)
+@click.option('--label', default=CODE_LABEL, show_default=True, help='Label of the code.')
+@click.option(
+    '--prepend-text',
+    default='',
+    metavar='TEXT',
+    help="Shell lines run before the Python in each job, e.g. 'module load python; source ~/dm21/bin/activate'.",
+)
+@click.option('--append-text', default='', metavar='TEXT', help='Shell lines run after the Python in each job.')
+def setup(computer, python: str | None, label: str, prepend_text: str, append_text: str) -> None:
+    """Register a Python with aiida-dm21 as an AiiDA code (default: this Python as dm21-python@localhost).
+
+    Running it again with the same options reuses the code; a code of that label on that computer with another
+    interpreter, --prepend-text or --append-text is refused (stored codes are never changed)."""
+    code, created = register_code(computer, python, label, prepend_text, append_text)
+    state = 'registered' if created else 'already registered:'
+    click.echo(f'{state} code {code.full_label} (pk {code.pk}) -> {code.filepath_executable}')
+    if not code.computer.is_configured:
+        click.echo(
+            f'note: computer {code.computer.label!r} is not configured for this user yet: '
+            f'`verdi computer configure {code.computer.transport_type} {code.computer.label}`'
+        )
+    click.echo(
+        f'use it: aiida-dm21 scf launch h2 --code {code.full_label}   |   '
+        f'aiida-dm21 reference launch demo_train --code {code.full_label}   |   '
+        f"in Python: orm.load_code('{code.full_label}')"
+    )
 
 
 @click.group('checkpoint')

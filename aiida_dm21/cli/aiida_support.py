@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import typing as t
 from pathlib import Path
 
 import click
@@ -115,11 +116,95 @@ def ensure_code(label: str = CODE_LABEL):
         label=label,
         computer=computer,
         filepath_executable=sys.executable,
-        description='Python with aiida-dm21 (runs aiida_dm21 runners on the compute node)',
+        description=CODE_DESCRIPTION,
     )
     code.store()
     console.log(f'registered code {label}@{computer.label} -> {sys.executable}')
     return code
+
+
+CODE_DESCRIPTION = 'Python with aiida-dm21 (runs aiida_dm21 runners on the compute node)'
+
+
+def register_code(
+    computer=None,
+    python: str | None = None,
+    label: str = CODE_LABEL,
+    prepend_text: str = '',
+    append_text: str = '',
+) -> tuple[t.Any, bool]:
+    """The InstalledCode ``label@computer`` running ``python``: ``(code, created)``.
+
+    ``computer`` is an ``orm.Computer`` (default: ``localhost``, created if missing); ``python`` the interpreter with
+    aiida-dm21 on that computer (default on ``localhost``: this Python; required on any other computer).  A code
+    of that label that already exists on the computer is reused if it runs the same interpreter with the same
+    ``prepend_text`` and ``append_text``; a stored code is never changed.
+
+    :raises click.ClickException: no ``python`` for a computer other than localhost, a ``core.local`` computer
+        without that interpreter, several codes of that label, or one of that label set up differently.
+    """
+    from aiida import orm
+
+    if computer is None:
+        computer = ensure_localhost()
+    if not label or '@' in label:
+        raise click.ClickException(f'--label must be a non-empty code label without "@", got {label!r}')
+    if python is None:
+        if computer.label != 'localhost':
+            raise click.ClickException(
+                f'--python is required for computer {computer.label!r}: the path of the Python on that computer '
+                'that has aiida-dm21 installed (e.g. --python /home/me/dm21/bin/python, or --python python with '
+                'a --prepend-text that activates its environment)'
+            )
+        python = sys.executable
+    if not python.strip():
+        raise click.ClickException('--python must not be empty')
+    full_label = f'{label}@{computer.label}'
+    builder = orm.QueryBuilder().append(orm.Computer, filters={'id': computer.pk}, tag='computer')
+    builder.append(orm.AbstractCode, with_computer='computer', filters={'label': label})
+    existing = [row[0] for row in builder.all()]
+    if len(existing) > 1:
+        pks = ', '.join(str(code.pk) for code in existing)
+        raise click.ClickException(
+            f'{len(existing)} codes are called {full_label} (pk {pks}): pass another --label, or remove the extra '
+            'ones (`verdi code delete PK`)'
+        )
+    wanted = {'executable': python, 'prepend_text': prepend_text, 'append_text': append_text}
+    if existing:
+        code = existing[0]
+        if not isinstance(code, orm.InstalledCode):
+            raise click.ClickException(
+                f'code {full_label} (pk {code.pk}) exists and is a {type(code).__name__}, not an installed code: '
+                'pass another --label'
+            )
+        stored = {
+            'executable': str(code.filepath_executable),
+            'prepend_text': code.prepend_text or '',
+            'append_text': code.append_text or '',
+        }
+        different = [key for key in wanted if stored[key] != wanted[key]]
+        if different:
+            lines = '\n'.join(f'  {key}: stored {stored[key]!r}, asked {wanted[key]!r}' for key in different)
+            raise click.ClickException(
+                f'code {full_label} (pk {code.pk}) exists with a different set-up (a stored code is never '
+                f'changed):\n{lines}\npass another --label, or remove the old code first '
+                f'(`verdi code delete {code.pk}`; only if no calculation used it)'
+            )
+        return code, False
+    if computer.transport_type == 'core.local' and Path(python).is_absolute() and not Path(python).is_file():
+        raise click.ClickException(
+            f'--python {python}: no such file on this machine (computer {computer.label!r} uses core.local)'
+        )
+    code = orm.InstalledCode(
+        label=label,
+        computer=computer,
+        filepath_executable=python,
+        prepend_text=prepend_text,
+        append_text=append_text,
+        description=CODE_DESCRIPTION,
+    )
+    code.store()
+    return code, True
 
 
 def store_options(func):

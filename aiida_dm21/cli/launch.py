@@ -15,7 +15,7 @@ import click
 
 from .aiida_support import load_profile
 
-__all__ = ('code_option', 'job_options', 'metadata_options', 'profile_first')
+__all__ = ('code_option', 'computer_param_type', 'job_options', 'metadata_options', 'profile_first')
 
 F = t.TypeVar('F', bound=t.Callable[..., t.Any])
 
@@ -62,6 +62,17 @@ def code_param_type() -> click.ParamType:
         return CodeParamType()
 
     return _LazyParamType('code', make)
+
+
+def computer_param_type() -> click.ParamType:
+    """aiida-core's :class:`~aiida.cmdline.params.types.ComputerParamType` (label, pk or UUID)."""
+
+    def make() -> click.ParamType:
+        from aiida.cmdline.params.types import ComputerParamType
+
+        return ComputerParamType()
+
+    return _LazyParamType('computer', make)
 
 
 def data_param_type(entry_point: str, name: str) -> click.ParamType:
