@@ -41,6 +41,25 @@ def reference() -> None:
 @click.option(
     '--max-cycle', default=None, type=click.IntRange(min=1), help='SCF iteration limit of every species (default 50).'
 )
+@click.option(
+    '--batch-size',
+    default=None,
+    type=click.IntRange(min=1),
+    help='Species per dm21.reference job (>= 1; default 1: one job per species). Larger batches mean fewer '
+    'scheduler jobs for sets of many small species.',
+)
+@click.option(
+    '--max-concurrent',
+    default=None,
+    type=click.IntRange(min=1),
+    help='At most this many dm21.reference jobs in flight at once (>= 1; default: all at once).',
+)
+@click.option(
+    '--max-retries',
+    default=None,
+    type=click.IntRange(min=0),
+    help='How often a failed species is retried alone, in a job of its own (>= 0; default 1; 0: never).',
+)
 @code_option
 @job_options
 @profile_first
@@ -49,6 +68,9 @@ def launch(
     basis: str,
     reference_method: str | None,
     max_cycle: int | None,
+    batch_size: int | None,
+    max_concurrent: int | None,
+    max_retries: int | None,
     code,
     walltime: int | None,
     queue: str | None,
@@ -73,6 +95,13 @@ def launch(
             builder.reference_method = orm.Str(reference_method)
         if max_cycle is not None:
             builder.iterations = orm.Dict({'max_cycle': max_cycle})
+        for name, value in (
+            ('batch_size', batch_size),
+            ('max_concurrent', max_concurrent),
+            ('max_retries', max_retries),
+        ):
+            if value is not None:
+                builder[name] = orm.Int(value)
         options = metadata_options(walltime, queue, account, num_cores)
         if options:
             builder.options = orm.Dict(options)

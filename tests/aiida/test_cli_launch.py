@@ -68,7 +68,10 @@ def dataset_group():
 @pytest.mark.parametrize(
     ('args', 'expected'),
     [
-        (['reference', 'launch', '--help'], ['SET_NAME', 'demo_heldout', '--basis', '--walltime', '--daemon']),
+        (
+            ['reference', 'launch', '--help'],
+            ['SET_NAME', 'demo_heldout', '--basis', '--walltime', '--daemon', '--batch-size', '--max-retries'],
+        ),
         (['train', 'launch', '--help'], ['DATASETS...', '--epochs', '--learning-rate', '--initial-checkpoint']),
         (['reference', '--help'], ['launch']),
         (['train', '--help'], ['launch']),
@@ -107,6 +110,18 @@ def test_verdi_data_dm21_dataset_help(restore_aiida_logging):
         (['demo_heldout', '--walltime', '0'], 2, "Invalid value for '--walltime': 0 is not in the range x>=1"),
         (['demo_heldout', '--num-cores', '0'], 2, "Invalid value for '--num-cores': 0 is not in the range x>=1"),
         (['demo_heldout', '--reference-method', 'mp2'], 2, "Invalid value for '--reference-method': 'mp2'"),
+        (['demo_heldout', '--batch-size', '0'], 2, "Invalid value for '--batch-size': 0 is not in the range x>=1"),
+        (
+            ['demo_heldout', '--max-concurrent', '0'],
+            2,
+            "Invalid value for '--max-concurrent': 0 is not in the range x>=1",
+        ),
+        (
+            ['demo_heldout', '--max-retries', '-1'],
+            2,
+            "Invalid value for '--max-retries': -1 is not in the range x>=0",
+        ),
+        (['demo_heldout', '--batch-size', 'two'], 2, "Invalid value for '--batch-size': 'two' is not a valid integer"),
         (['demo_heldout', '--basis', 'no-such-basis'], 1, "the inputs were refused: species 'Li+'"),
     ],
 )
@@ -118,6 +133,38 @@ def test_reference_launch_refuses(cli, python_code, count_nodes, args, status, m
     assert message in result.output
     assert 'Traceback' not in result.output
     assert count_nodes() == before
+
+
+@pytest.mark.parametrize(
+    ('args', 'given', 'inputs'),
+    [
+        (
+            ['--batch-size', 2, '--max-concurrent', 3, '--max-retries', 0],
+            {'batch_size': 2, 'max_concurrent': 3, 'max_retries': 0},
+            {'batch_size': 2, 'max_concurrent': 3, 'max_retries': 0},
+        ),
+        (['--max-retries', 4], {'max_retries': 4}, {'batch_size': 1, 'max_retries': 4}),
+        ([], {}, {'batch_size': 1, 'max_retries': 1}),  # the workchain's defaults; no max_concurrent: all at once
+    ],
+)
+def test_reference_launch_passes_the_batching_inputs(cli, python_code, count_nodes, monkeypatch, args, given, inputs):
+    """--batch-size, --max-concurrent and --max-retries reach the builder, and the process inputs made from it."""
+    import aiida_dm21.cli.reference as reference_cli
+    from aiida_dm21.workflows.reference_data import ReferenceDataWorkChain
+
+    captured = {}
+    monkeypatch.setattr(reference_cli, 'submit_to_daemon', lambda builder, *_: captured.update(builder=builder))
+    before = count_nodes()
+    result = cli('reference', 'launch', 'demo_heldout', '-b', 'sto-3g', *args, '--daemon', '--code', python_code.pk)
+    assert result.exit_code == 0, result.output
+    assert count_nodes() == before  # the (faked) submission is the first thing that would store anything
+    builder = captured['builder']
+    names = ('batch_size', 'max_concurrent', 'max_retries')
+    assert {name: builder[name].value for name in names if name in builder} == given
+    spec = ReferenceDataWorkChain.spec().inputs
+    processed = spec.pre_process({key: builder[key] for key in builder if key != 'metadata'})  # + the defaults
+    assert spec.validate(processed) is None
+    assert {name: processed[name].value for name in names if name in processed} == inputs
 
 
 def test_reference_launch_daemon_needs_a_broker(cli, python_code):
