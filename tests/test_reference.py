@@ -137,3 +137,28 @@ def test_integer_result_save_load_roundtrip(tmp_path):
     assert loaded.scalars() == result.scalars() and loaded.spec == result.spec
     for name, array in result.arrays().items():
         np.testing.assert_array_equal(loaded.arrays()[name], array)
+
+
+@pytest.mark.parametrize('name', ['hf', 'pbe', 'scan', 'wb97x', 'B3LYP'])  # a LDA/GGA, a meta-GGA, an RSH, any case
+def test_accepted_density_methods_run(name):
+    """The plugins accept the names of ``DENSITY_METHODS``: a few of them run for real (H, STO-3G, FCI)."""
+    from aiida_dm21.reference.constants import density_method_problem
+
+    assert density_method_problem(name) is None
+    result = run_integer_system(
+        IntegerSpec(atom='H 0 0 0', basis='sto-3g', spin=1, density_method=name, reference_method='fci', label='H')
+    )
+    assert result.converged and np.isfinite(result.e_density_method)
+
+
+def test_every_accepted_density_method_is_known_to_pyscf():
+    """Every name the plugins accept is one PySCF's libxc interface parses (else it would fail on the node)."""
+    from pyscf import dft
+
+    from aiida_dm21.reference.constants import DENSITY_METHODS, density_method_problem
+
+    for name in DENSITY_METHODS:
+        if name != 'hf':
+            dft.libxc.parse_xc(name)  # raises KeyError for a name libxc does not know
+    for bad in ('no_such_xc', 'b2plyp', '', None, 3):
+        assert 'is not one of: hf, lda' in density_method_problem(bad)

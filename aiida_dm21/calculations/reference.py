@@ -28,7 +28,11 @@ from aiida.common import datastructures
 from aiida.engine import CalcJob
 
 from aiida_dm21.calculations.scf import _check_electrons, molecule_of, validate_structure
-from aiida_dm21.reference.constants import FCI_MAX_ELECTRONS, REFERENCE_METHODS  # no PySCF
+from aiida_dm21.reference.constants import (  # no PySCF
+    FCI_MAX_ELECTRONS,
+    REFERENCE_METHODS,
+    density_method_problem,
+)
 from aiida_dm21.runner.common import INPUT_FORMAT_VERSION
 from aiida_dm21.runner.reference import ARRAYS_FILE, RESULTS_FILE
 
@@ -79,7 +83,7 @@ def validate_parameters(value: orm.Dict, _: t.Any = None) -> str | None:
     method = data.get('reference_method', 'ccsd(t)')
     if method not in REFERENCE_METHODS:
         return f'`reference_method` {method!r} is not one of {REFERENCE_METHODS}'
-    return None
+    return density_method_problem(data.get('density_method', 'hf'))
 
 
 def validate_user_energy(value: orm.SinglefileData, _: t.Any = None) -> str | None:

@@ -30,7 +30,11 @@ from aiida_dm21.calculations.fractional import build_fractional_dataset
 from aiida_dm21.calculations.reference import DM21ReferenceCalculation, link_label
 from aiida_dm21.calculations.scf import validate_structure
 from aiida_dm21.data.dataset import DM21DatasetData
-from aiida_dm21.reference.constants import ReferenceInputError  # no PySCF: frame_molecule is imported when used
+from aiida_dm21.reference.constants import (  # no PySCF: frame_molecule is imported when used
+    DENSITY_METHODS,
+    ReferenceInputError,
+    density_method_problem,
+)
 from aiida_dm21.reference.sets import SPECIES_SETS
 from aiida_dm21.runner.reference import unconverged_steps
 from aiida_dm21.workflows.options import options_validator, set_options
@@ -63,6 +67,11 @@ def _frame_molecule(atom: str, basis: str):
     from aiida_dm21.reference.integer import frame_molecule
 
     return frame_molecule(atom, basis)
+
+
+def validate_density_method(value: orm.Str, _: t.Any = None) -> str | None:
+    """Port validator of ``density_method``: ``hf`` or a functional of :data:`DENSITY_METHODS`."""
+    return density_method_problem(value.value)
 
 
 def validate_species(value: orm.List, _: t.Any = None) -> str | None:
@@ -205,6 +214,8 @@ def validate_inputs(inputs: dict, _: t.Any = None) -> str | None:
     method = inputs['reference_method'].value if 'reference_method' in inputs else None
     method = method or definition.get('reference_method', 'ccsd(t)')
     density_method = inputs['density_method'].value if 'density_method' in inputs else 'hf'
+    if density_method_problem(density_method):
+        return None  # reported by the port validator
     species = {item['label']: item for item in definition['species']}
     for label, item in species.items():
         problem = _species_problem(item, basis, method, density_method)
@@ -297,7 +308,13 @@ class ReferenceDataWorkChain(WorkChain):
             required=False,
             help="fci, ccsd(t), ccsd or hf (default: the set's own, else ccsd(t)).",
         )
-        spec.input('density_method', valid_type=orm.Str, default=lambda: orm.Str('hf'))
+        spec.input(
+            'density_method',
+            valid_type=orm.Str,
+            default=lambda: orm.Str('hf'),
+            validator=validate_density_method,
+            help=f"Where every species' density comes from: {', '.join(DENSITY_METHODS)} (case-insensitive).",
+        )
         spec.input('deltas', valid_type=orm.List, default=lambda: orm.List([0.25, 0.5, 0.75]))
         spec.input('spin_fractions', valid_type=orm.List, default=lambda: orm.List([0.25, 0.5]))
         spec.input(

@@ -1,8 +1,10 @@
 """Batched ``dm21.reference`` jobs and the batching, retrying, throttled ``dm21.reference_data`` (issue 11).
 
-Real PySCF throughout (FCI/6-31G on one- and two-electron species: seconds).  The failing species is a
-real runner failure: an exchange-correlation name that libxc does not know fails every species that has
-electrons (the zero-electron H+ needs no SCF), through the runner's own per-species error path.
+Real PySCF throughout (FCI/6-31G on one- and two-electron species: seconds).  The failing species fail on the
+compute node only, as a species the plugins cannot foresee failing would: the code of those tests is a Python
+(:func:`failing_code`) that runs the real runner with the core's ``run_integer_system`` raising for the named
+species on their first N attempts (counted across jobs in a folder of the test), so the failure goes through
+the runner's own per-species error path (``internal_error``) and a retry may succeed.
 """
 
 from __future__ import annotations
@@ -35,6 +37,65 @@ def reference_code(aiida_code_installed):
     )
 
 
+FAILING_PYTHON = """#!{python}
+\"\"\"This Python's aiida-dm21 reference runner fails species on purpose (aiida-dm21 tests): {plan}.\"\"\"
+import json
+import runpy
+import sys
+from pathlib import Path
+
+PLAN = json.loads({plan!r})  # label -> how many of its first attempts fail
+ATTEMPTS = Path({attempts!r})
+
+
+def install():
+    import aiida_dm21.reference.integer as integer
+
+    original = integer.run_integer_system
+
+    def run_integer_system(spec):
+        path = ATTEMPTS / (spec.label + '.attempts')
+        attempt = int(path.read_text()) + 1 if path.exists() else 1
+        path.write_text(str(attempt))
+        if attempt <= PLAN.get(spec.label, 0):
+            raise RuntimeError(f'injected failure of {{spec.label}} (attempt {{attempt}})')
+        return original(spec)
+
+    integer.run_integer_system = run_integer_system  # the runner imports it from the module when it runs
+
+
+install()
+if sys.argv[1:2] != ['-m'] or len(sys.argv) < 3:
+    raise SystemExit('usage: python -m MODULE [ARGS]')
+sys.argv = sys.argv[2:]
+runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
+"""
+
+
+@pytest.fixture
+def failing_code(aiida_code_installed, tmp_path):
+    """``failing_code({label: n})``: a code whose runner fails each named species on its first ``n`` attempts
+    (across jobs); ``attempts(label)`` of the returned code's folder counts them.  Other species run normally."""
+    import stat
+    import uuid
+
+    def factory(plan: dict[str, int]):
+        folder = tmp_path / f'failing-{uuid.uuid4().hex[:8]}'
+        (folder / 'attempts').mkdir(parents=True)
+        script = folder / 'python'
+        text = FAILING_PYTHON.format(python=sys.executable, plan=json.dumps(plan), attempts=str(folder / 'attempts'))
+        script.write_text(text)
+        script.chmod(script.stat().st_mode | stat.S_IXUSR)
+        code = aiida_code_installed(
+            label=f'dm21-failing-{folder.name}',
+            default_calc_job_plugin='dm21.reference',
+            filepath_executable=str(script),
+        )
+        return code, lambda label: int((folder / 'attempts' / f'{label}.attempts').read_text())
+
+    return factory
+
+
 def test_a_batch_of_three_species(reference_code):
     from pyscf import fci, gto, scf
 
@@ -60,18 +121,17 @@ def test_a_batch_of_three_species(reference_code):
     assert [item['label'] for item in payload['species']] == ['H', 'He+', 'Li+'] and 'symbols' not in payload
 
 
-def test_a_failing_species_does_not_sink_the_batch(reference_code):
+def test_a_failing_species_does_not_sink_the_batch(failing_code):
+    code, _ = failing_code({'He+': 99})
     results, node = run_get_node(
-        DM21ReferenceCalculation,
-        code=reference_code,
-        species=orm.List([H_PLUS, HE_PLUS]),
-        parameters=orm.Dict({**FCI, 'density_method': 'no_such_xc'}),
+        DM21ReferenceCalculation, code=code, species=orm.List([H_PLUS, HE_PLUS]), parameters=orm.Dict(FCI)
     )
     assert node.exit_status == 430 and not node.is_excepted, node.exit_message
     assert 'He+ (internal_error' in node.exit_message and 'H+' not in node.exit_message.replace('He+', '')
     status = results['species_status'].get_dict()
     assert status['H_plus']['status'] == 'converged' and status['He_plus']['status'] == 'failed'
-    assert status['He_plus']['category'] == 'internal_error' and status['He_plus']['message']
+    assert status['He_plus']['category'] == 'internal_error'
+    assert 'injected failure of He+ (attempt 1)' in status['He_plus']['message']
     assert set(results['species']) == {'H_plus'}  # the failed species stores nothing
     assert results['species']['H_plus']['output_arrays'].get_array('dm').shape[0] == 2
     assert not node.base.caching.is_valid_cache
@@ -89,6 +149,11 @@ def test_a_failing_species_does_not_sink_the_batch(reference_code):
         ({'species': [H], 'parameters': {**FCI, 'charge': 1}}, "the parameters ['charge'] belong to each species"),
         ({'species': [H], 'parameters': {'basis': '6-31g', 'reference_method': 'user'}}, 'takes one species'),
         ({'species': [{**H, 'symbols': ['Ne'], 'charge': 0, 'multiplicity': 1}]}, 'FCI is limited'),
+        (
+            {'species': [H], 'parameters': {**FCI, 'density_method': 'no_such_xc'}},
+            "`density_method` 'no_such_xc' is not one of: hf, lda, svwn",
+        ),
+        ({'structure': 'h', 'parameters': {**FCI, 'density_method': 'b2plyp'}}, "`density_method` 'b2plyp' is not"),
     ],
 )
 def test_bad_batches_are_refused(reference_code, make_structure, count_nodes, inputs, message):
@@ -150,16 +215,15 @@ def test_workchain_batches_throttles_and_links_the_dataset(reference_code):
     assert [reference_labels(r) for r in lineage.references] == [['H+', 'H'], ['He+']]
 
 
-def test_workchain_retries_a_failed_species_alone_then_reports_it(reference_code):
-    results, node = _reference_data(
-        reference_code,
-        density_method=orm.Str('no_such_xc'),  # fails every species with electrons, at run time
-        batch_size=orm.Int(3),
-    )
+def test_workchain_retries_a_failed_species_alone_then_reports_it(failing_code):
+    code, attempts = failing_code({'H': 99, 'He+': 99})  # fail every time, on the compute node only
+    results, node = _reference_data(code, batch_size=orm.Int(3))
     assert node.exit_status == 401, node.exit_message
-    # the last try's error: the retry alone ended in 350 (internal_error: libxc knows no such functional)
+    # the last try's error: the retry alone ended in 350 (internal_error: the runner raised)
     assert 'H (exit 350' in node.exit_message and 'He+ (exit 350' in node.exit_message
-    assert 'H+ (' not in node.exit_message and 'NO_SUCH_XC' in node.exit_message and '2 tries' in node.exit_message
+    assert 'H+ (' not in node.exit_message and '2 tries' in node.exit_message
+    assert 'injected failure of H (attempt 2)' in node.exit_message
+    assert attempts('H') == attempts('He+') == 2
     assert 'dataset' not in results
     batch, *retries = _jobs(node)
     assert batch.exit_status == 430 and set(batch.outputs.species) == {'H_plus'}
@@ -171,12 +235,42 @@ def test_workchain_retries_a_failed_species_alone_then_reports_it(reference_code
     assert 'H failed (internal_error' in reports and 'retry 1 alone' in reports
 
 
-def test_no_retries(reference_code):
-    _, node = _reference_data(
-        reference_code, density_method=orm.Str('no_such_xc'), batch_size=orm.Int(3), max_retries=orm.Int(0)
-    )
+def test_workchain_retry_recovers_a_species_that_failed_once(failing_code):
+    """H fails in the batch and succeeds in its retry: only H is resubmitted, and the dataset is built from the
+    batch's converged species and the retry's H."""
+    code, attempts = failing_code({'H': 1})
+    results, node = _reference_data(code, batch_size=orm.Int(3))
+    assert node.is_finished_ok, node.exit_message
+    batch, *retries = _jobs(node)
+    assert batch.exit_status == 430 and 'H (internal_error' in batch.exit_message
+    status = batch.outputs.species_status.get_dict()
+    assert {key: entry['status'] for key, entry in status.items()} == {
+        'H_plus': 'converged',
+        'H': 'failed',
+        'He_plus': 'converged',
+    }
+    assert 'injected failure of H (attempt 1)' in status['H']['message']
+    assert set(batch.outputs.species) == {'H_plus', 'He_plus'}
+    (retry,) = retries  # only H, alone, once
+    assert 'structure' in retry.inputs and retry.inputs.parameters['label'] == 'H' and retry.is_finished_ok
+    assert retry.outputs.output_parameters['label'] == 'H'
+    labels = {link.link_label for link in node.base.links.get_outgoing(node_class=orm.CalcJobNode).all()}
+    assert labels == {'reference_batch_0', 'retry1_H'}
+    assert (attempts('H'), attempts('H+'), attempts('He+')) == (2, 1, 1)
+    dataset = results['dataset']
+    assert dataset.n_systems == 2 and dataset.kinds == {'fc': 1, 'integer': 1}
+    from aiida_dm21.provenance import _dataset_lineage, reference_labels
+
+    lineage = _dataset_lineage(dataset, 'train')
+    assert sorted(r.pk for r in lineage.references) == [batch.pk, retry.pk]  # H comes from the retry
+    assert [reference_labels(r) for r in lineage.references if r.pk == retry.pk] == [['H']]
+
+
+def test_no_retries(failing_code):
+    code, attempts = failing_code({'H': 99, 'He+': 99})
+    _, node = _reference_data(code, batch_size=orm.Int(3), max_retries=orm.Int(0))
     assert node.exit_status == 401 and 'H (internal_error' in node.exit_message and '1 try)' in node.exit_message
-    assert len(_jobs(node)) == 1
+    assert len(_jobs(node)) == 1 and attempts('H') == 1
 
 
 @pytest.mark.parametrize(
@@ -187,12 +281,13 @@ def test_no_retries(reference_code):
         ('max_concurrent', 0, '`max_concurrent` must be an integer >= 1, got 0'),
         ('max_concurrent', -1, '`max_concurrent` must be an integer >= 1, got -1'),
         ('max_retries', -1, '`max_retries` must be an integer >= 0, got -1'),
+        ('density_method', 'no_such_xc', "`density_method` 'no_such_xc' is not one of: hf, lda, svwn"),
     ],
 )
 def test_bad_batching_inputs_are_refused(reference_code, count_nodes, name, value, message):
     before = count_nodes()
     with pytest.raises(ValueError) as info:
-        _reference_data(reference_code, **{name: orm.Int(value)})
+        _reference_data(reference_code, **{name: orm.Int(value) if isinstance(value, int) else orm.Str(value)})
     assert message in str(info.value)
     assert count_nodes() == before
 
