@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import typing as t
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import click
 from rich.console import Console
@@ -169,6 +169,7 @@ def register_code(
             f'{len(existing)} codes are called {full_label} (pk {pks}): pass another --label, or remove the extra '
             'ones (`verdi code delete PK`)'
         )
+    python = str(PurePosixPath(python.strip()))  # as InstalledCode stores it: '/a/b/' and '/a//b' are '/a/b'
     wanted = {'executable': python, 'prepend_text': prepend_text, 'append_text': append_text}
     if existing:
         code = existing[0]

@@ -85,6 +85,8 @@ def test_setup_on_a_second_computer_and_again(cli, cluster, count_nodes):
     assert f'already registered: code dm21-python@{cluster.label} (pk {code.pk})' in again.output
     assert count_nodes() == before
     assert [node.pk for node in codes_called('dm21-python', cluster)] == [code.pk]
+    spelled = cli(*[f'{sys.executable}/' if arg == sys.executable else arg for arg in args])  # the same path
+    assert spelled.exit_code == 0 and 'already registered' in spelled.output, spelled.output
 
 
 def test_setup_by_computer_pk_with_python_on_path(cli, cluster):
