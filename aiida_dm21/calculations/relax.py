@@ -15,7 +15,7 @@ import typing as t
 
 from aiida import orm
 
-from aiida_dm21.calculations.scf import DM21ScfCalculation
+from aiida_dm21.calculations.scf import DM21ScfCalculation, validate_parameters
 from aiida_dm21.runner.relax import RELAX_DEFAULTS, RELAX_FILE  # numpy only: no PySCF or PyTorch
 
 if t.TYPE_CHECKING:
@@ -40,6 +40,16 @@ def validate_relax_parameters(value: orm.Dict, _: t.Any = None) -> str | None:
     return None
 
 
+def validate_relax_scf_parameters(value: orm.Dict, _: t.Any = None) -> str | None:
+    """The ``dm21.scf`` parameter checks, and no ``smearing``: the forces are those of integer occupations."""
+    problem = validate_parameters(value)
+    if problem:
+        return problem
+    if value.get_dict().get('smearing'):
+        return '`smearing` is not supported in a geometry optimisation: the analytic forces need integer occupations'
+    return None
+
+
 class DM21RelaxCalculation(DM21ScfCalculation):
     """Geometry optimisation with a DM21-architecture functional: analytic gradients, geomeTRIC's optimiser."""
 
@@ -56,6 +66,7 @@ class DM21RelaxCalculation(DM21ScfCalculation):
             + '. Energies in Ha, gradients in Ha/bohr, displacements in Angstrom.',
         )
         spec.inputs['metadata']['options']['parser_name'].default = 'dm21.relax'
+        spec.inputs['parameters'].validator = validate_relax_scf_parameters
         spec.output(
             'output_structure',
             valid_type=orm.StructureData,

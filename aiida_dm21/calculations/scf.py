@@ -189,6 +189,13 @@ PARAMETERS: dict[str, Parameter] = {
         False,
         'second-order (Newton) SCF solver with the exact orbital Hessian (J + the DM21 XC kernel by autograd)',
     ),
+    'smearing': Parameter(
+        (float, int),
+        0.0,
+        'Fermi-Dirac smearing width (Ha): fractional occupations around the Fermi level (PySCF smearing_); '
+        'e_tot is the energy of that density, e_free adds -sigma*S; 0: integer occupations; not with newton',
+        _at_least(0),
+    ),
 }
 
 
@@ -206,6 +213,8 @@ def validate_parameters(value: orm.Dict | t.Mapping[str, t.Any], _: t.Any = None
         if key in data or spec.required
     ]
     problems = [p for p in problems if p]
+    if not problems and data.get('newton') and data.get('smearing'):
+        problems.append('`smearing` and `newton` cannot be combined: the second-order solver needs integer occupations')
     return '; '.join(problems) if problems else None
 
 
@@ -214,7 +223,7 @@ def resolve_parameters(value: orm.Dict | t.Mapping[str, t.Any]) -> dict[str, t.A
     data = value.get_dict() if isinstance(value, orm.Dict) else dict(value)
     resolved = {key: spec.default for key, spec in PARAMETERS.items()}
     resolved.update({key: val for key, val in data.items() if val is not None})
-    for key in ('conv_tol', 'conv_tol_grad', 'level_shift', 'damp', 'screening'):
+    for key in ('conv_tol', 'conv_tol_grad', 'level_shift', 'damp', 'screening', 'smearing'):
         resolved[key] = float(resolved[key])
     return resolved
 
@@ -437,6 +446,12 @@ class DM21ScfCalculation(CalcJob):
             400,
             'ERROR_SCF_NOT_CONVERGED',
             message='The SCF did not converge in {cycles} cycles; energy and density are attached for a restart.',
+        )
+        spec.exit_code(
+            401,
+            'ERROR_NOT_AUFBAU',
+            message='The SCF converged to a state that is not the ground state: an empty orbital lies {violation} Ha '
+            'below a filled one of the same spin (aufbau principle); energy and density are attached.',
         )
         spec.exit_code(410, 'ERROR_NAN_ENERGY', message='The total energy is NaN or infinite.')
         spec.exit_code(420, 'ERROR_UNSUPPORTED_INPUT', message='The runner refused the input: {detail}', **transient)

@@ -37,6 +37,11 @@ COPIED_KEYS: tuple[str, ...] = (
     'homo_lumo_gap',
     'homo_per_spin',
     'lumo_per_spin',
+    'aufbau',
+    'aufbau_violation',
+    'smearing',
+    'entropy',
+    'e_free',
     'dipole',
     's2',
     's2_multiplicity',
@@ -226,4 +231,9 @@ class DM21ScfParser(Parser):
 
         if not parameters['converged']:
             return self.exit_codes.ERROR_SCF_NOT_CONVERGED.format(cycles=parameters['cycles'])
+        if parameters.get('aufbau') is False:
+            violation = parameters.get('aufbau_violation')
+            return self.exit_codes.ERROR_NOT_AUFBAU.format(
+                violation=f'{violation:.4f}' if isinstance(violation, float) else '?'
+            )
         return ExitCode(0)

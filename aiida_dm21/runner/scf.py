@@ -21,6 +21,7 @@ key                    meaning
 ``level_shift``        level shift (Ha)
 ``damp``               Fock damping factor for the first 3 cycles (DIIS starts at cycle 4)
 ``newton``             second-order (Newton) solver with the exact DM21 XC kernel (autograd, functional/response.py)
+``smearing``           optional: Fermi-Dirac smearing width (Ha), fractional occupations; 0 or absent: integer
 ``checkpoint``         checkpoint file name (``checkpoint.safetensors``)
 ``restart_density``    optional ``.npy`` density matrix to start from
 ``walltime_seconds``   optional: stop cleanly (saving the density) before this much time
@@ -38,6 +39,10 @@ not a positive integer (``SLURM_CPUS_PER_TASK=abc``) is refused as ``unsupported
 It writes ``results.json`` (always, also after errors) and ``density_matrix.npy`` (whenever an SCF
 cycle ran, converged or not), and logs PySCF's output to stdout.  ``results.json["error"]`` is
 ``null`` or ``{"category", "message", "type"}`` with category one of :data:`ERROR_CATEGORIES`.
+
+A converged SCF is also checked for the aufbau principle (``results.json["aufbau"]``; integer occupations only):
+a virtual orbital more than :data:`AUFBAU_TOLERANCE` below an occupied one of the same spin is a stationary state
+that is not the ground state (the Newton solver can land there, e.g. for stretched H2, docs/core.md).
 
 Exit status: 0 converged, 3 not converged, 4 stopped for walltime, 2 unsupported input or unreadable
 checkpoint, 1 any other failure.
@@ -102,6 +107,11 @@ EXIT_BAD_INPUT = 2
 EXIT_NOT_CONVERGED = 3
 EXIT_WALLTIME = 4
 
+#: Ha: a virtual orbital this far below an occupied one (same spin, integer occupations) breaks the aufbau principle.
+AUFBAU_TOLERANCE = 1e-3
+#: An orbital with more than this occupation (per spin orbital, in [0, 1]) counts as occupied for HOMO and LUMO.
+OCCUPIED = 0.5
+
 SCF_TYPES = ('auto', 'RKS', 'UKS', 'ROKS')
 INIT_GUESSES = ('b3lyp', 'minao', 'atom', 'huckel', '1e')
 AU2EV = 27.211386245988  # CODATA 2018, as PySCF's nist.HARTREE2EV
@@ -160,6 +170,8 @@ def read_input(path: Path) -> dict[str, Any]:
         if problem:
             raise RunnerError('unsupported_input', f'`{key}` {problem}, got {data[key]!r}')
     relax = data.get('relax')
+    if relax is not None and data.get('smearing'):
+        raise RunnerError('unsupported_input', '`smearing` with `relax`: the analytic forces need integer occupations')
     if relax is not None:
         from aiida_dm21.runner.relax import RELAX_DEFAULTS
 
@@ -183,6 +195,7 @@ NUMERIC_INPUTS: dict[str, tuple[type, float | None, float | None, bool]] = {
     'damp': (float, 0.0, 1.0, False),
     'walltime_seconds': (float, None, None, False),
     'max_memory_mb': (float, 0.0, None, True),
+    'smearing': (float, 0.0, None, False),
 }
 
 
@@ -293,6 +306,16 @@ def make_scf(mol, data: dict[str, Any], checkpoint: Path):
         mf.diis_start_cycle = max(mf.diis_start_cycle, 4)
     if data.get('max_memory_mb'):
         mf.max_memory = float(data['max_memory_mb'])
+    if data.get('smearing'):
+        if data.get('newton'):
+            raise RunnerError(
+                'unsupported_input',
+                'smearing and newton cannot be combined: the second-order solver needs integer occupations',
+            )
+        from pyscf.scf import addons
+
+        # fractional occupations f = 1 / (exp((e - mu) / sigma) + 1), mu fixed by the electron count (per spin in UKS)
+        mf = addons.smearing_(mf, sigma=float(data['smearing']), method='fermi')
     if data.get('newton'):
         mf = mf.newton()  # exact orbital Hessian: J + the DM21 XC kernel by autograd (functional/response.py)
     return mf, scf_type
@@ -360,8 +383,10 @@ def orbital_channels(mf, scf_type: str) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def frontier(channels: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
-    homos = [float(e[o > 0].max()) if np.any(o > 0) else None for e, o in channels]
-    lumos = [float(e[o == 0].min()) if np.any(o == 0) else None for e, o in channels]
+    """HOMO and LUMO over the spin channels: occupied means more than :data:`OCCUPIED` (with smearing, the orbitals
+    either side of the Fermi level)."""
+    homos = [float(e[o > OCCUPIED].max()) if np.any(o > OCCUPIED) else None for e, o in channels]
+    lumos = [float(e[o <= OCCUPIED].min()) if np.any(o <= OCCUPIED) else None for e, o in channels]
     homo = max((h for h in homos if h is not None), default=None)
     lumo = min((x for x in lumos if x is not None), default=None)
     return {
@@ -371,6 +396,32 @@ def frontier(channels: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
         'homo_per_spin': homos,
         'lumo_per_spin': lumos,
     }
+
+
+def aufbau_violation(channels: list[tuple[np.ndarray, np.ndarray]]) -> float | None:
+    """How far (Ha) the lowest empty orbital lies below the highest filled one of the same spin, at most over the
+    channels (<= 0: aufbau); ``None`` with fractional occupations or when a channel has no filled or no empty one."""
+    worst = None
+    for energy, occ in channels:
+        if np.any((occ > 1e-6) & (occ < 1.0 - 1e-6)):
+            return None
+        filled, empty = energy[occ > 0.5], energy[occ <= 0.5]
+        if filled.size and empty.size:
+            gap = float(filled.max() - empty.min())
+            worst = gap if worst is None else max(worst, gap)
+    return worst
+
+
+def smearing_results(mf) -> dict[str, Any]:
+    """The smearing width, the entropy and the free energy of a smeared SCF (PySCF's ``smearing_``); ``{}`` without."""
+    sigma = getattr(mf, 'sigma', None)
+    if not sigma:
+        return {}
+    entropy = _finite(getattr(mf, 'entropy', None))
+    e_free = _finite(getattr(mf, 'e_free', None))
+    if e_free is None and entropy is not None and _finite(mf.e_tot) is not None:
+        e_free = float(mf.e_tot) - float(sigma) * entropy
+    return {'smearing': float(sigma), 'entropy': entropy, 'e_free': e_free}
 
 
 def versions() -> dict[str, str]:
@@ -396,7 +447,11 @@ def scf_results(mf, scf_type: str) -> dict[str, Any]:
         'mo_energy': [e.tolist() for e, _ in channels],
         'mo_occ': [o.tolist() for _, o in channels],
         **frontier(channels),
+        **smearing_results(mf),
     }
+    violation = aufbau_violation(channels)
+    results['aufbau_violation'] = violation
+    results['aufbau'] = None if violation is None else violation <= AUFBAU_TOLERANCE
     try:
         dipole = mf.dip_moment(unit='Debye', verbose=0)
         results['dipole'] = [float(x) for x in dipole]

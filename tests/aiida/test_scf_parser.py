@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,8 @@ from aiida.plugins import CalculationFactory, ParserFactory
 
 from aiida_dm21.parsers.scf import DM21ScfParser
 from aiida_dm21.runner.scf import AU2EV
+
+DATA = Path(__file__).resolve().parents[1] / 'data' / 'scf'
 
 pytestmark = pytest.mark.aiida
 
@@ -95,6 +99,28 @@ def test_failures_end_in_exit_codes(retrieved_calc_node, case, status, message):
         assert 'output_density' not in results
     if status in (300, 301, 302, 420, 430, 350):
         assert 'output_density' not in results
+
+
+def test_converged_but_not_aufbau_gives_401_with_outputs(retrieved_calc_node, tmp_path):
+    """The runner's aufbau check (an empty orbital 0.146 Ha below a filled one, as the Newton solver gives for
+    stretched H2): exit 401 naming the gap, energy and density attached; ``aufbau`` None (fractional
+    occupations) or True is a success."""
+    source = tmp_path / 'not_aufbau'
+    shutil.copytree(DATA / 'converged', source)
+    results_file = source / 'results.json'
+    data = json.loads(results_file.read_text())
+    for aufbau, violation, status in [(False, 0.1462, 401), (True, -0.2, 0), (None, None, 0)]:
+        data.update(aufbau=aufbau, aufbau_violation=violation)
+        results_file.write_text(json.dumps(data))
+        results, calcfunction = parse(retrieved_calc_node(source))
+        assert calcfunction.exit_status == status, calcfunction.exit_message
+        assert results['output_parameters']['aufbau'] is aufbau
+        assert 'output_density' in results
+    # the message of the 401 case
+    data.update(aufbau=False, aufbau_violation=0.1462)
+    results_file.write_text(json.dumps(data))
+    _, calcfunction = parse(retrieved_calc_node(source))
+    assert 'an empty orbital lies 0.1462 Ha below a filled one' in calcfunction.exit_message
 
 
 def test_weird_fields_are_sanitised(retrieved_calc_node):

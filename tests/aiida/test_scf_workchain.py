@@ -25,7 +25,7 @@ from aiida.engine.utils import instantiate_process
 from aiida.manage import get_manager
 from aiida.plugins import WorkflowFactory
 
-from aiida_dm21.workflows.scf import LEVEL_SHIFT, DM21ScfWorkChain
+from aiida_dm21.workflows.scf import LEVEL_SHIFT, SMEARING, DM21ScfWorkChain
 
 pytestmark = pytest.mark.aiida
 
@@ -79,6 +79,7 @@ def test_handler_priorities_specific_before_generic():
         'handle_unsupported_input': 590,
         'handle_checkpoint_unreadable': 580,
         'handle_out_of_walltime': 500,
+        'handle_not_aufbau': 450,
         'handle_scf_not_converged': 400,
         'handle_runner_failure': 100,
     }
@@ -264,10 +265,18 @@ def test_abort_wins_over_max_iterations(workchain, failed_run):
 
 def test_not_converged_after_every_strategy_aborts_with_outputs(workchain, failed_run):
     process = workchain()
-    runs = [failed_run(400, density=True) for _ in range(4)]
+    runs = [failed_run(400, density=True) for _ in range(5)]
     for count in range(1, 4):
         assert inspect(process, *runs[:count]).status == 0
+        assert process.ctx.inputs.restart_density.uuid == runs[count - 1].outputs.output_density.uuid
     assert process.ctx.inputs.parameters['newton'] is True
+    # the 4th: fractional occupations from the initial guess, the Newton solver and the level shift off
+    assert inspect(process, *runs[:4]).status == 0
+    parameters = process.ctx.inputs.parameters
+    assert (parameters['smearing'], parameters['newton'], parameters['level_shift']) == (SMEARING, False, 0.0)
+    assert parameters['max_cycle'] == 400  # 50 x 2 x 2 x 2, then x 2 (at least 100)
+    assert 'restart_density' not in process.ctx.inputs
+    assert 'fractional occupations (smearing -> 0.02 Ha' in reports(process.node)[-2]
     result = inspect(process, *runs)
     assert result.status == 400
     assert 'did not converge with any strategy' in result.message
@@ -280,10 +289,68 @@ def test_not_converged_after_every_strategy_aborts_with_outputs(workchain, faile
 
 def test_newton_given_from_the_start_skips_that_strategy(workchain, failed_run, scf_inputs):
     process = workchain(scf=scf_inputs(newton=True)['scf'])
-    runs = [failed_run(400, density=True) for _ in range(3)]
+    runs = [failed_run(400, density=True) for _ in range(4)]
     assert inspect(process, *runs[:1]).status == 0  # max_cycle x 2
     assert inspect(process, *runs[:2]).status == 0  # level shift
-    assert inspect(process, *runs).status == 400  # the Newton solver was already on: nothing left to try
+    assert inspect(process, *runs[:3]).status == 0  # Newton on already: fractional occupations next
+    assert process.ctx.inputs.parameters['smearing'] == SMEARING
+    assert process.ctx.inputs.parameters['newton'] is False
+    assert inspect(process, *runs).status == 400  # nothing left to try
+
+
+def test_smearing_given_from_the_start_skips_newton_and_smearing(workchain, failed_run, scf_inputs):
+    """With fractional occupations on from the start, neither the Newton solver (integer occupations only) nor the
+    smearing strategy is tried: after more cycles and the level shift, abort."""
+    process = workchain(scf=scf_inputs(smearing=0.01)['scf'])
+    runs = [failed_run(400, density=True) for _ in range(3)]
+    assert inspect(process, *runs[:1]).status == 0
+    assert inspect(process, *runs[:2]).status == 0
+    assert process.ctx.inputs.parameters['smearing'] == 0.01
+    assert 'newton' not in process.ctx.inputs.parameters
+    assert inspect(process, *runs).status == 400
+
+
+def test_not_aufbau_switches_to_fractional_occupations_then_aborts(workchain, failed_run):
+    """401 (converged, an empty orbital below a filled one): fractional occupations from the initial guess; a 401
+    with them on already aborts with the outputs attached."""
+    process = workchain()
+    first = failed_run(401, density=True)
+    assert inspect(process, first).status == 0
+    assert handlers_with_report(process.node) == [['handle_not_aufbau']]
+    assert process.ctx.inputs.parameters['smearing'] == SMEARING
+    assert 'restart_density' not in process.ctx.inputs
+    assert 'converged to a state that is not aufbau' in reports(process.node)[-2]
+    result = inspect(process, first, failed_run(401, density=True))
+    assert result.status == DM21ScfWorkChain.exit_codes.ERROR_NOT_AUFBAU.status == 401
+    assert set(process.outputs) == {'output_parameters', 'output_density'}
+
+
+def test_smearing_and_newton_together_refused(scf_inputs):
+    inputs = scf_inputs(H2, smearing=0.02, newton=True)
+    with pytest.raises(ValueError, match='`smearing` and `newton` cannot be combined'):
+        run_get_node(DM21ScfWorkChain, **inputs)
+
+
+H2_STRETCHED = [('H', (0.0, 0.0, 0.0)), ('H', (0.0, 0.0, 3.0))]
+
+
+@pytest.mark.slow
+def test_stretched_h2_converges_through_the_restart_chain(scf_inputs):
+    """H2 at 3 Å (DeepMind's issue #316), 6-31G, level 2, with the Newton solver asked for: it converges, to a state
+    with σu empty below the filled σg (401); the handler restarts from the B3LYP guess with fractional occupations,
+    which converge at two H atoms' energy."""
+    inputs = scf_inputs(H2_STRETCHED, basis='6-31g', grid_level=2, newton=True, max_cycle=8, conv_tol_grad=1e-4)
+    results, node = run_get_node(DM21ScfWorkChain, **inputs)
+    assert node.is_finished_ok, (node.exit_status, node.exit_message, reports(node))
+    runs = children(node)
+    assert [run.exit_status for run in runs] == [401, 0]
+    assert runs[0].outputs.output_parameters['aufbau'] is False
+    assert 'restart_density' not in runs[1].inputs
+    output = results['output_parameters']
+    assert output['smearing'] == SMEARING and output['converged'] is True
+    assert output['e_tot'] == pytest.approx(-1.0009, abs=3e-3)
+    assert output['e_tot'] < runs[0].outputs.output_parameters['e_tot'] - 0.05
+    assert handlers_with_report(node) == [['handle_not_aufbau'], []]
 
 
 @pytest.mark.parametrize('exit_status', [300, 301, 302, 350, 140])
