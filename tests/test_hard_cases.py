@@ -112,7 +112,7 @@ def test_stretched_h2_converges_with_fractional_occupations(checkpoint, tmp_path
 @pytest.mark.slow
 def test_newton_on_stretched_h2_converges_to_a_state_flagged_not_aufbau(checkpoint, tmp_path):
     """The exact-Hessian Newton solver converges stretched H2, but to a state with σu empty below the filled σg: the
-    runner reports it (``aufbau`` False), and the CalcJob parser turns that into exit 401."""
+    runner reports it (``aufbau`` False), and the CalcJob parser turns that into exit 405."""
     status, results = _run_h2(tmp_path, checkpoint, newton=True, max_cycle=8, conv_tol_grad=1e-4)
     assert status == runner.EXIT_CONVERGED, results.get('error')
     assert results['aufbau'] is False

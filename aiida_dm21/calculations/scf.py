@@ -448,7 +448,7 @@ class DM21ScfCalculation(CalcJob):
             message='The SCF did not converge in {cycles} cycles; energy and density are attached for a restart.',
         )
         spec.exit_code(
-            401,
+            405,
             'ERROR_NOT_AUFBAU',
             message='The SCF converged to a state that is not the ground state: an empty orbital lies {violation} Ha '
             'below a filled one of the same spin (aufbau principle); energy and density are attached.',

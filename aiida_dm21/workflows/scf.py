@@ -12,9 +12,9 @@ exit code of the job       priority  action
 420 unsupported input      590       abort: ``ERROR_UNSUPPORTED_INPUT`` (420)
 430 checkpoint unreadable  580       abort: ``ERROR_CHECKPOINT_UNREADABLE`` (430)
 120, 310, 311 walltime     500       restart from the last density there is (× ``walltime_factor`` walltime)
-401 not aufbau             450       converged to a state with an empty orbital below a filled one: restart
+405 not aufbau             450       converged to a state with an empty orbital below a filled one: restart
                                      from the initial guess with fractional occupations (``smearing``); abort
-                                     (401) if they were on already
+                                     (405) if they were on already
 400 not converged          400       restart from its density with ``max_cycle`` × 2, the 2nd time also a level
                                      shift, the 3rd also the second-order solver (``newton``), the 4th from the
                                      initial guess with fractional occupations instead; then abort (400)
@@ -131,7 +131,7 @@ class DM21ScfWorkChain(ProtocolMixin, BaseRestartWorkChain):
             'the last energy and density are attached.',
         )
         spec.exit_code(
-            401,
+            405,
             'ERROR_NOT_AUFBAU',
             message='{process}<{pk}> converged, with fractional occupations too, to a state that is not aufbau '
             '({exit_message}); the outputs are attached.',

@@ -101,22 +101,22 @@ def test_failures_end_in_exit_codes(retrieved_calc_node, case, status, message):
         assert 'output_density' not in results
 
 
-def test_converged_but_not_aufbau_gives_401_with_outputs(retrieved_calc_node, tmp_path):
+def test_converged_but_not_aufbau_gives_405_with_outputs(retrieved_calc_node, tmp_path):
     """The runner's aufbau check (an empty orbital 0.146 Ha below a filled one, as the Newton solver gives for
-    stretched H2): exit 401 naming the gap, energy and density attached; ``aufbau`` None (fractional
+    stretched H2): exit 405 naming the gap, energy and density attached; ``aufbau`` None (fractional
     occupations) or True is a success."""
     source = tmp_path / 'not_aufbau'
     shutil.copytree(DATA / 'converged', source)
     results_file = source / 'results.json'
     data = json.loads(results_file.read_text())
-    for aufbau, violation, status in [(False, 0.1462, 401), (True, -0.2, 0), (None, None, 0)]:
+    for aufbau, violation, status in [(False, 0.1462, 405), (True, -0.2, 0), (None, None, 0)]:
         data.update(aufbau=aufbau, aufbau_violation=violation)
         results_file.write_text(json.dumps(data))
         results, calcfunction = parse(retrieved_calc_node(source))
         assert calcfunction.exit_status == status, calcfunction.exit_message
         assert results['output_parameters']['aufbau'] is aufbau
         assert 'output_density' in results
-    # the message of the 401 case
+    # the message of the 405 case
     data.update(aufbau=False, aufbau_violation=0.1462)
     results_file.write_text(json.dumps(data))
     _, calcfunction = parse(retrieved_calc_node(source))

@@ -311,17 +311,17 @@ def test_smearing_given_from_the_start_skips_newton_and_smearing(workchain, fail
 
 
 def test_not_aufbau_switches_to_fractional_occupations_then_aborts(workchain, failed_run):
-    """401 (converged, an empty orbital below a filled one): fractional occupations from the initial guess; a 401
+    """405 (converged, an empty orbital below a filled one): fractional occupations from the initial guess; a 405
     with them on already aborts with the outputs attached."""
     process = workchain()
-    first = failed_run(401, density=True)
+    first = failed_run(405, density=True)
     assert inspect(process, first).status == 0
     assert handlers_with_report(process.node) == [['handle_not_aufbau']]
     assert process.ctx.inputs.parameters['smearing'] == SMEARING
     assert 'restart_density' not in process.ctx.inputs
     assert 'converged to a state that is not aufbau' in reports(process.node)[-2]
-    result = inspect(process, first, failed_run(401, density=True))
-    assert result.status == DM21ScfWorkChain.exit_codes.ERROR_NOT_AUFBAU.status == 401
+    result = inspect(process, first, failed_run(405, density=True))
+    assert result.status == DM21ScfWorkChain.exit_codes.ERROR_NOT_AUFBAU.status == 405
     assert set(process.outputs) == {'output_parameters', 'output_density'}
 
 
@@ -337,13 +337,13 @@ H2_STRETCHED = [('H', (0.0, 0.0, 0.0)), ('H', (0.0, 0.0, 3.0))]
 @pytest.mark.slow
 def test_stretched_h2_converges_through_the_restart_chain(scf_inputs):
     """H2 at 3 Å (DeepMind's issue #316), 6-31G, level 2, with the Newton solver asked for: it converges, to a state
-    with σu empty below the filled σg (401); the handler restarts from the B3LYP guess with fractional occupations,
+    with σu empty below the filled σg (405); the handler restarts from the B3LYP guess with fractional occupations,
     which converge at two H atoms' energy."""
     inputs = scf_inputs(H2_STRETCHED, basis='6-31g', grid_level=2, newton=True, max_cycle=8, conv_tol_grad=1e-4)
     results, node = run_get_node(DM21ScfWorkChain, **inputs)
     assert node.is_finished_ok, (node.exit_status, node.exit_message, reports(node))
     runs = children(node)
-    assert [run.exit_status for run in runs] == [401, 0]
+    assert [run.exit_status for run in runs] == [405, 0]
     assert runs[0].outputs.output_parameters['aufbau'] is False
     assert 'restart_density' not in runs[1].inputs
     output = results['output_parameters']
