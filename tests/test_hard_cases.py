@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 
 from aiida_dm21.runner import scf as runner
@@ -118,6 +119,32 @@ def test_newton_on_stretched_h2_converges_to_a_state_flagged_not_aufbau(checkpoi
     assert results['aufbau'] is False
     assert results['aufbau_violation'] > 0.05  # measured 0.146 Ha (UKS, level 1)
     assert results['e_tot'] > -0.95  # above the fractional-occupation state's -1.00 Ha
+
+
+@pytest.mark.parametrize('scf_type', ['RKS', 'UKS'])
+def test_smearing_on_a_gapped_molecule_changes_nothing_but_reports_itself(checkpoint, tmp_path, scf_type):
+    """H2 at 0.74 Å (gap ~1 Ha): with 0.02 Ha smearing the occupations stay integer to 1e-10, the energy is the
+    integer-occupation one, and results.json carries smearing, entropy and e_free (also on PySCF 2.3, where
+    ``smearing_`` patches the object instead of making a new class)."""
+    energies = []
+    for smearing in (0.0, 0.02):
+        workdir = tmp_path / f'{smearing}'
+        workdir.mkdir()
+        shutil.copy(checkpoint, workdir / 'model.safetensors')
+        data = {'symbols': ['H', 'H'], 'positions': [[0, 0, 0], [0, 0, 0.74]], 'basis': 'sto-3g', 'grid_level': 0}
+        data.update(checkpoint='model.safetensors', scf_type=scf_type, smearing=smearing)
+        (workdir / 'input.json').write_text(json.dumps(data))
+        assert runner.run(workdir / 'input.json', workdir) == runner.EXIT_CONVERGED
+        results = _strict_json((workdir / 'results.json').read_text())
+        energies.append(results['e_tot'])
+        if smearing:
+            assert results['smearing'] == smearing and 0.0 <= results['entropy'] < 1e-8
+            assert results['e_free'] == pytest.approx(results['e_tot'], abs=1e-10)
+            assert np.allclose(np.concatenate(results['mo_occ']), np.round(np.concatenate(results['mo_occ'])))
+            assert results['aufbau'] is True and results['aufbau_violation'] < -0.5
+        else:
+            assert 'smearing' not in results and results['aufbau'] is True
+    assert energies[1] == pytest.approx(energies[0], abs=2e-6)
 
 
 def test_smearing_refusals(checkpoint, tmp_path):

@@ -17,14 +17,17 @@ exit code of the job       priority  action
                                      (405) if they were on already
 400 not converged          400       restart from its density with ``max_cycle`` × 2, the 2nd time also a level
                                      shift, the 3rd also the second-order solver (``newton``), the 4th from the
-                                     initial guess with fractional occupations instead; then abort (400)
+                                     initial guess with fractional occupations instead, the 5th (``scf_type``
+                                     ``auto``, singlet) unrestricted from the initial guess; then abort (400)
 300-302, 350, 140          100       restart once from the last density; a second time in a row abort (350)
 =========================  ========  =======================================================================
 
 Strategies the user has set already (``newton``, ``smearing``) are skipped.  Fractional occupations (Fermi-Dirac
 smearing of :data:`SMEARING` Ha) are what converges stretched bonds: for stretched H2 no integer occupation is
 self-consistent with DM21 (DIIS oscillates between the σg² and σu² states; the Newton solver finds a state with a
-virtual orbital below the HOMO), while the fractional one is, at two H atoms' energy (docs/core.md).
+virtual orbital below the HOMO), while the fractional one is, at two H atoms' energy (docs/core.md).  Stretched F2
+(2.5 Å) converges in neither restricted form: unrestricted, DIIS finds the broken-symmetry state (⟨S²⟩ ≈ 1), the
+last strategy for a singlet that ran restricted because ``scf_type`` was ``auto``.
 
 Every handler says in the workchain's report (``verdi process report``) what it changed.
 """
@@ -52,6 +55,8 @@ LEVEL_SHIFT = 0.25
 #: stretched H2 (3 Å, 6-31G, RKS) in 26-39 cycles in every try; 0.01 Ha diverged from that guess, and from the
 #: 0.02 Ha density converged only sometimes (DIIS with fractional occupations is fragile for DM21 there).
 SMEARING = 0.02
+#: Default of ``max_iterations``: the first run, the five convergence strategies, two walltime or transient restarts.
+MAX_ITERATIONS = 8
 #: Failures that may not happen again on a second try (the job, the node or the file system failed).
 TRANSIENT_EXIT_CODES: list[ExitCode] = [
     _CODES.ERROR_MISSING_RESULTS,
@@ -108,6 +113,8 @@ class DM21ScfWorkChain(ProtocolMixin, BaseRestartWorkChain):
             'for the restart (1: keep it, the right choice when the queue has a hard limit).',
         )
         spec.inputs['max_iterations'].validator = validate_max_iterations
+        # the first run, the five convergence strategies, and two more for walltime or transient failures
+        spec.inputs['max_iterations'].default = lambda: orm.Int(MAX_ITERATIONS)
         spec.outline(
             cls.setup,
             while_(cls.should_run_process)(
@@ -127,7 +134,7 @@ class DM21ScfWorkChain(ProtocolMixin, BaseRestartWorkChain):
             400,
             'ERROR_SCF_NOT_CONVERGED',
             message='The SCF did not converge with any strategy (more cycles, level shift, second-order solver, '
-            'fractional occupations); '
+            'fractional occupations, unrestricted); '
             'the last energy and density are attached.',
         )
         spec.exit_code(
@@ -306,7 +313,9 @@ class DM21ScfWorkChain(ProtocolMixin, BaseRestartWorkChain):
         return ProcessHandlerReport(True)
 
     def _fractional_occupations(self) -> str:
-        """Switch to fractional occupations from the initial guess (no Newton, no level shift); what changed."""
+        """Switch to fractional occupations from the initial guess (no Newton, no level shift); what changed.  The
+        strategies before it are then behind: a later 400 goes on with the unrestricted one."""
+        self.ctx.convergence_stage = max(self.ctx.convergence_stage, 4)
         parameters = self.ctx.inputs.parameters
         parameters['smearing'] = SMEARING
         parameters['newton'] = False
@@ -335,8 +344,9 @@ class DM21ScfWorkChain(ProtocolMixin, BaseRestartWorkChain):
     @process_handler(priority=400, exit_codes=[_CODES.ERROR_SCF_NOT_CONVERGED])
     def handle_scf_not_converged(self, node: orm.CalcJobNode) -> ProcessHandlerReport:
         """Not converged: restart from its density with twice the cycles, then also 2) a level shift, 3) the Newton
-        solver; 4) from the initial guess with fractional occupations; not converged after that: abort, with the
-        last run's outputs attached.  A strategy already on (``newton``, ``smearing``) is skipped."""
+        solver; 4) from the initial guess with fractional occupations; 5) for a singlet run restricted by
+        ``scf_type`` ``auto``, unrestricted from the initial guess; not converged after that: abort, with the last
+        run's outputs attached.  A strategy already on (``newton``, ``smearing``, UKS) is skipped."""
         parameters = self.ctx.inputs.parameters
         while True:
             self.ctx.convergence_stage += 1
@@ -359,6 +369,21 @@ class DM21ScfWorkChain(ProtocolMixin, BaseRestartWorkChain):
                     continue
                 change = self._fractional_occupations()
                 self.report(f'{node.process_label}<{node.pk}> did not converge (exit 400): {change}')
+                return ProcessHandlerReport(True)
+            elif stage == 5:
+                if self._parameter('scf_type') != 'auto' or self._parameter('multiplicity') != 1:
+                    continue  # restricted asked for, or unrestricted already
+                parameters['scf_type'] = 'UKS'
+                parameters['smearing'] = 0.0
+                parameters['newton'] = False
+                parameters['level_shift'] = 0.0
+                parameters['max_cycle'] = max(self._parameter('max_cycle'), 100)
+                self.ctx.inputs.pop('restart_density', None)
+                self.report(
+                    f'{node.process_label}<{node.pk}> did not converge (exit 400): unrestricted (scf_type -> UKS, '
+                    f'spin symmetry free to break; smearing, newton and level shift off, max_cycle -> '
+                    f'{parameters["max_cycle"]}) from the initial guess'
+                )
                 return ProcessHandlerReport(True)
             else:
                 self.out_many(self.exposed_outputs(node, DM21ScfCalculation))  # the last energy and density

@@ -265,7 +265,7 @@ def test_abort_wins_over_max_iterations(workchain, failed_run):
 
 def test_not_converged_after_every_strategy_aborts_with_outputs(workchain, failed_run):
     process = workchain()
-    runs = [failed_run(400, density=True) for _ in range(5)]
+    runs = [failed_run(400, density=True) for _ in range(6)]
     for count in range(1, 4):
         assert inspect(process, *runs[:count]).status == 0
         assert process.ctx.inputs.restart_density.uuid == runs[count - 1].outputs.output_density.uuid
@@ -274,9 +274,14 @@ def test_not_converged_after_every_strategy_aborts_with_outputs(workchain, faile
     assert inspect(process, *runs[:4]).status == 0
     parameters = process.ctx.inputs.parameters
     assert (parameters['smearing'], parameters['newton'], parameters['level_shift']) == (SMEARING, False, 0.0)
-    assert parameters['max_cycle'] == 400  # 50 x 2 x 2 x 2, then x 2 (at least 100)
+    assert parameters['max_cycle'] == 400  # 50 x 2 x 2 x 2, kept (at least 100)
     assert 'restart_density' not in process.ctx.inputs
     assert 'fractional occupations (smearing -> 0.02 Ha' in reports(process.node)[-2]
+    # the 5th: a singlet that ran restricted because scf_type is auto: unrestricted, integer occupations
+    assert inspect(process, *runs[:5]).status == 0
+    assert (parameters['scf_type'], parameters['smearing'], parameters['newton']) == ('UKS', 0.0, False)
+    assert 'restart_density' not in process.ctx.inputs
+    assert 'unrestricted (scf_type -> UKS' in reports(process.node)[-2]
     result = inspect(process, *runs)
     assert result.status == 400
     assert 'did not converge with any strategy' in result.message
@@ -288,25 +293,27 @@ def test_not_converged_after_every_strategy_aborts_with_outputs(workchain, faile
 
 
 def test_newton_given_from_the_start_skips_that_strategy(workchain, failed_run, scf_inputs):
-    process = workchain(scf=scf_inputs(newton=True)['scf'])
+    process = workchain(scf=scf_inputs(newton=True, scf_type='RKS')['scf'])
     runs = [failed_run(400, density=True) for _ in range(4)]
     assert inspect(process, *runs[:1]).status == 0  # max_cycle x 2
     assert inspect(process, *runs[:2]).status == 0  # level shift
     assert inspect(process, *runs[:3]).status == 0  # Newton on already: fractional occupations next
     assert process.ctx.inputs.parameters['smearing'] == SMEARING
     assert process.ctx.inputs.parameters['newton'] is False
-    assert inspect(process, *runs).status == 400  # nothing left to try
+    assert inspect(process, *runs).status == 400  # RKS asked for: no unrestricted strategy, nothing left to try
 
 
 def test_smearing_given_from_the_start_skips_newton_and_smearing(workchain, failed_run, scf_inputs):
     """With fractional occupations on from the start, neither the Newton solver (integer occupations only) nor the
-    smearing strategy is tried: after more cycles and the level shift, abort."""
+    smearing strategy is tried: after more cycles and the level shift, unrestricted (scf_type auto), then abort."""
     process = workchain(scf=scf_inputs(smearing=0.01)['scf'])
-    runs = [failed_run(400, density=True) for _ in range(3)]
+    runs = [failed_run(400, density=True) for _ in range(4)]
     assert inspect(process, *runs[:1]).status == 0
     assert inspect(process, *runs[:2]).status == 0
     assert process.ctx.inputs.parameters['smearing'] == 0.01
     assert 'newton' not in process.ctx.inputs.parameters
+    assert inspect(process, *runs[:3]).status == 0
+    assert process.ctx.inputs.parameters['scf_type'] == 'UKS'
     assert inspect(process, *runs).status == 400
 
 
@@ -351,6 +358,30 @@ def test_stretched_h2_converges_through_the_restart_chain(scf_inputs):
     assert output['e_tot'] == pytest.approx(-1.0009, abs=3e-3)
     assert output['e_tot'] < runs[0].outputs.output_parameters['e_tot'] - 0.05
     assert handlers_with_report(node) == [['handle_not_aufbau'], []]
+
+
+F2_STRETCHED = [('F', (0.0, 0.0, 0.0)), ('F', (0.0, 0.0, 2.5))]
+
+
+@pytest.mark.slow
+def test_stretched_f2_converges_through_the_restart_chain(scf_inputs):
+    """F2 at 2.5 Å (DeepMind's issue #316), 6-31G, level 1, scf_type auto: restricted, DIIS oscillates (more cycles,
+    level shift), the Newton solver and fractional occupations do not give the ground state either; unrestricted,
+    DIIS converges to the broken-symmetry state (⟨S²⟩ ≈ 1), ~0.1 Ha below the restricted energies.  145 s idle."""
+    inputs = scf_inputs(F2_STRETCHED, basis='6-31g', grid_level=1, max_cycle=5)
+    results, node = run_get_node(DM21ScfWorkChain, **inputs)
+    assert node.is_finished_ok, (node.exit_status, node.exit_message, reports(node))
+    runs = children(node)
+    # measured: [400, 400, 400, 405, 400, 0] (Newton lands on a non-aufbau state, smearing does not converge)
+    assert [run.exit_status for run in runs][-1] == 0 and len(runs) == 6
+    assert {run.exit_status for run in runs[:-1]} <= {400, 405}
+    assert runs[-2].inputs.parameters['smearing'] == SMEARING
+    assert runs[-1].inputs.parameters['scf_type'] == 'UKS'
+    assert all(run.inputs.parameters.get('scf_type', 'auto') == 'auto' for run in runs[:-1])
+    output = results['output_parameters']
+    assert output['scf_type'] == 'UKS' and output['converged'] is True
+    assert output['s2'] == pytest.approx(1.0, abs=0.1)
+    assert output['e_tot'] == pytest.approx(-199.3438, abs=5e-3)  # measured: level 1, 52 cycles
 
 
 @pytest.mark.parametrize('exit_status', [300, 301, 302, 350, 140])
