@@ -241,3 +241,14 @@ def services():
         with psycopg.connect(dbname='postgres', autocommit=True, **PG) as connection:
             connection.execute(sql.SQL('DROP DATABASE IF EXISTS {} WITH (FORCE)').format(sql.Identifier(name)))
             connection.execute(sql.SQL('DROP USER IF EXISTS {}').format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def cli():
+    """``cli(*args)``: run ``aiida-dm21 ARGS`` in this process (click's CliRunner); returns click's Result."""
+    from click.testing import CliRunner
+
+    from aiida_dm21.cli import main
+
+    runner = CliRunner()
+    return lambda *args: runner.invoke(main, [str(arg) for arg in args])

@@ -13,22 +13,12 @@ import sys
 import uuid
 
 import pytest
-from click.testing import CliRunner
 
 pytest.importorskip('aiida.engine')
 
 from aiida import orm
 
-from aiida_dm21.cli import main
-
 pytestmark = pytest.mark.aiida
-
-
-@pytest.fixture
-def cli():
-    """``cli(*args)``: run ``aiida-dm21 ARGS`` in this process; returns click's Result."""
-    runner = CliRunner()
-    return lambda *args: runner.invoke(main, [str(arg) for arg in args])
 
 
 @pytest.fixture
