@@ -11,6 +11,11 @@ Part 2, scaling: for N = ``--systems`` fractional-charge systems of Li+ -> Li (6
 δ), a fresh process prepares them into a folder and trains one epoch (mini-batches of ``--batch-size``, with the
 regulariser); it reports the preparation time, the data on disk, the training points per second and the peak
 resident memory (VmHWM) of the process.  Peak memory should not grow with N: the data is read system by system.
+
+The floor: a training step with the regulariser runs the network forward, its gradient to the inputs (the
+potential), and the backward pass of both to the weights: about 3 x the forward + input-gradient FLOPs per point
+(``scf_speed.network_flops_per_point``).  Over the best measured float32 matmul rate (``scf_speed.matmul_rate``,
+measured in this process before the epochs) that gives the floor points/s; ``floor x`` is floor / measured.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scf_speed import matmul_rate, network_flops_per_point  # benchmarks/ is the script's folder, on sys.path
 
 from aiida_dm21.functional.model import DM21Network
 from aiida_dm21.reference.fractional import fractional_charge_systems
@@ -124,11 +130,27 @@ def _scaling_child(n: int, level: int, batch_size: int, queue) -> None:
         queue.put((points, t_prep, disk, epoch, base / 1024.0, _status_kb('VmHWM') / 1024.0))
 
 
+#: FLOPs of a training step with the regulariser over the forward + input-gradient FLOPs (see the docstring).
+STEP_OVER_FORWARD_AND_INPUT_GRADIENT = 3.0
+
+
+def floor_points_per_second() -> float:
+    """The FLOP floor of training points/s on this machine (best matmul rate, fastest back end)."""
+    rate = max(matmul_rate().values())
+    flops = STEP_OVER_FORWARD_AND_INPUT_GRADIENT * network_flops_per_point(DM21Network())
+    print(
+        f'floor: {flops / 1e6:.2f} MFLOP per point per step ({STEP_OVER_FORWARD_AND_INPUT_GRADIENT:g} x forward + '
+        f'input gradient) at {rate / 1e9:.1f} GFLOP/s (best float32 matmul) = {rate / flops:.0f} points/s'
+    )
+    return rate / flops
+
+
 def scaling(counts, level: int, batch_size: int) -> None:
     print(f'\nscaling: {SCALING}, grid level {level}, batch size {batch_size}, one epoch with the regulariser')
+    floor = floor_points_per_second()
     header = (
         f'{"systems":>7} {"points":>9} {"prep s":>7} {"disk GB":>8} {"epoch s":>8} {"points/s":>9} '
-        f'{"RSS before MB":>13} {"peak RSS MB":>11}'
+        f'{"floor x":>7} {"RSS before MB":>13} {"peak RSS MB":>11}'
     )
     print(header)
     print('-' * len(header))
@@ -141,7 +163,7 @@ def scaling(counts, level: int, batch_size: int) -> None:
         proc.join()
         print(
             f'{n:>7} {points:>9} {t_prep:>7.1f} {disk:>8.2f} {epoch:>8.1f} {points / epoch:>9.0f} '
-            f'{base:>13.0f} {peak:>11.0f}'
+            f'{floor / (points / epoch):>7.1f} {base:>13.0f} {peak:>11.0f}'
         )
 
 
