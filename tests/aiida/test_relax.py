@@ -45,6 +45,19 @@ def test_bad_relax_parameters_are_refused(settings, match):
     assert match in validate_relax_parameters(orm.Dict(settings))
 
 
+def test_smearing_is_refused_in_a_relaxation():
+    """The analytic forces are those of integer occupations: ``smearing`` > 0 is refused, 0 passes; the dm21.scf
+    checks still apply (a negative width)."""
+    from aiida_dm21.calculations.relax import validate_relax_scf_parameters
+
+    assert 'not supported in a geometry optimisation' in validate_relax_scf_parameters(
+        orm.Dict({'basis': 'sto-3g', 'smearing': 0.02})
+    )
+    assert validate_relax_scf_parameters(orm.Dict({'basis': 'sto-3g', 'smearing': 0.0})) is None
+    assert 'must be >= 0' in validate_relax_scf_parameters(orm.Dict({'basis': 'sto-3g', 'smearing': -1.0}))
+    assert DM21RelaxCalculation.spec().inputs['parameters'].validator is validate_relax_scf_parameters
+
+
 def test_good_relax_parameters_pass():
     assert validate_relax_parameters(orm.Dict({'max_steps': 5, 'convergence_gmax': 1e-4})) is None
 
