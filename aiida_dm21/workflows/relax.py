@@ -8,7 +8,8 @@ final geometry: ``e_tot`` …) and ``output_density``.  Handlers, highest priori
 =============================  ========  ===================================================================
 exit code of the job           priority  action
 =============================  ========  ===================================================================
-410, 420, 430                  600       abort: a restart would fail the same way
+405, 410, 420, 430             600       abort: a restart would fail the same way (405: the last SCF converged
+                                         to a non-aufbau state; the structure is attached)
 120, 310, 311 walltime         500       restart from the last structure and density
 500 optimiser not converged    450       restart from the last structure and density (another ``max_steps``)
 400, 501 SCF failed at a step  400       restart from the last structure with ``max_cycle`` × 2 and a level
@@ -56,6 +57,12 @@ class DM21RelaxWorkChain(BaseRestartWorkChain):
         spec.outline(cls.setup, while_(cls.should_run_process)(cls.run_process, cls.inspect_process), cls.results)
         spec.expose_outputs(DM21RelaxCalculation)
         spec.exit_code(350, 'ERROR_RUNNER_FAILED', message='{process}<{pk}> failed twice in a row: {exit_message}')
+        spec.exit_code(
+            405,
+            'ERROR_NOT_AUFBAU',
+            message='{process}<{pk}>: {exit_message} (the geometry is that of a state other than the ground state; '
+            'not retried: fractional occupations have no analytic forces here)',
+        )
         spec.exit_code(410, 'ERROR_NAN_ENERGY', message='{process}<{pk}>: {exit_message} (a restart would repeat it)')
         spec.exit_code(420, 'ERROR_UNSUPPORTED_INPUT', message='{process}<{pk}>: {exit_message} (not retried)')
         spec.exit_code(430, 'ERROR_CHECKPOINT_UNREADABLE', message='{process}<{pk}>: {exit_message} (not retried)')
@@ -106,11 +113,20 @@ class DM21RelaxWorkChain(BaseRestartWorkChain):
 
     @process_handler(
         priority=600,
-        exit_codes=[_CODES.ERROR_NAN_ENERGY, _CODES.ERROR_UNSUPPORTED_INPUT, _CODES.ERROR_CHECKPOINT_UNREADABLE],
+        exit_codes=[
+            _CODES.ERROR_NAN_ENERGY,
+            _CODES.ERROR_UNSUPPORTED_INPUT,
+            _CODES.ERROR_CHECKPOINT_UNREADABLE,
+            _CODES.ERROR_NOT_AUFBAU,
+        ],
     )
     def handle_fatal(self, node: orm.CalcJobNode) -> ProcessHandlerReport:
-        """The same inputs would fail the same way: abort with the job's own exit code."""
+        """The same inputs would fail the same way: abort with the job's own exit code.  A 405 (the last SCF
+        converged to a non-aufbau state, which only the Newton solver reaches) too: the structure is attached."""
+        if node.exit_status == _CODES.ERROR_NOT_AUFBAU.status:
+            self.out_many(self.exposed_outputs(node, DM21RelaxCalculation))
         error = {
+            _CODES.ERROR_NOT_AUFBAU.status: self.exit_codes.ERROR_NOT_AUFBAU,
             _CODES.ERROR_NAN_ENERGY.status: self.exit_codes.ERROR_NAN_ENERGY,
             _CODES.ERROR_UNSUPPORTED_INPUT.status: self.exit_codes.ERROR_UNSUPPORTED_INPUT,
         }.get(node.exit_status, self.exit_codes.ERROR_CHECKPOINT_UNREADABLE)

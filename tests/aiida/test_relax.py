@@ -130,6 +130,47 @@ def test_parser_refuses_a_bad_relax_json(retrieved_calc_node, content, match):
     assert 'output_structure' not in results
 
 
+def test_not_aufbau_at_the_last_geometry_aborts_with_the_structure(
+    python_code, checkpoint_node, make_structure, aiida_localhost
+):
+    """A relax job that ends 405 (the last SCF converged, with the Newton solver, to a non-aufbau state): the workchain
+    aborts with 405 (no restart: smearing has no forces here), attaching the job's structure and parameters."""
+    from aiida.common.links import LinkType
+    from aiida.engine import ProcessState
+    from aiida.engine.utils import instantiate_process
+    from aiida.manage import get_manager
+
+    structure = make_structure([('H', (0.0, 0.0, 0.0)), ('H', (0.0, 0.0, 0.74))])
+    inputs = {
+        'relax': {
+            'code': python_code,
+            'structure': structure,
+            'checkpoint': checkpoint_node,
+            'parameters': orm.Dict({'basis': 'sto-3g', 'newton': True}),
+            'metadata': {'options': {'max_wallclock_seconds': 600}},
+        }
+    }
+    process = instantiate_process(get_manager().get_runner(), DM21RelaxWorkChain, **inputs)
+    process.setup()
+    node = orm.CalcJobNode(computer=aiida_localhost, process_type='aiida.calculations:dm21.relax')
+    node.set_process_label('DM21RelaxCalculation')
+    node.set_option('resources', {'num_machines': 1, 'num_mpiprocs_per_machine': 1})
+    node.store()
+    node.set_process_state(ProcessState.FINISHED)
+    node.set_exit_status(405)
+    node.set_exit_message('an empty orbital lies 0.1462 Ha below a filled one')
+    for label, output in [('output_parameters', orm.Dict({'aufbau': False})), ('output_structure', structure.clone())]:
+        output.base.links.add_incoming(node, LinkType.CREATE, label)
+        output.store()
+    process.ctx.children = [node]
+    process.ctx.iteration = 1
+    process.node.base.extras.set('considered_handlers', [[]])
+    result = process.inspect_process()
+    assert result.status == DM21RelaxWorkChain.exit_codes.ERROR_NOT_AUFBAU.status == 405
+    assert '0.1462 Ha' in result.message
+    assert set(process.outputs) == {'output_parameters', 'output_structure'}
+
+
 def test_water_relaxes_through_aiida_and_restarts_after_max_steps(python_code, checkpoint_node, make_structure):
     """dm21.relax workflow on water (DM21, STO-3G, grid 1): max_steps 2 ends the first job with 500, the handler
     restarts from its last structure, the second converges; the relaxed structure is an output node."""
