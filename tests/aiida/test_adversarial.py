@@ -276,7 +276,7 @@ def test_scf_workchain_bad_inputs(case, scf_inputs, count_nodes):
     [
         ({'scf': {'parameters': {'conv_tol': INF}}}, '`conv_tol` must be a finite number'),
         ({'scf': {'parameters': {'grid_level': 12}}}, '`grid_level`: 12 is outside [0, 9]'),
-        ({'scf': {'parameters': {'smearing': 0.1}}}, 'smearing'),
+        ({'scf': {'parameters': {'electronic_temperature': 300.0}}}, 'electronic_temperature'),
         ({'walltime_factor': NAN}, 'walltime_factor'),
     ],
     ids=['protocol-conv_tol-inf', 'protocol-grid_level', 'protocol-unknown-parameter', 'protocol-walltime_factor-nan'],
