@@ -14,6 +14,7 @@ from aiida import orm
 from aiida.engine import calcfunction
 
 from aiida_dm21.data.dataset import DM21DatasetData
+from aiida_dm21.data.objects import read_arrays
 from aiida_dm21.reference.constants import ARRAY_NAMES
 from aiida_dm21.reference.dataset import save_dataset
 
@@ -23,15 +24,26 @@ if t.TYPE_CHECKING:
 # The systems are built with PySCF (aiida_dm21.reference.fractional): imported inside the calcfunction, so that
 # importing the workflows (on the submitting machine) does not import PySCF.
 
-__all__ = ('build_fractional_dataset', 'integer_result_from_node')
+__all__ = ('build_fractional_dataset', 'integer_result_from_node', 'integer_results_from_nodes')
 
 
 def integer_result_from_node(node: orm.ArrayData) -> IntegerResult:
     """The core :class:`IntegerResult` of a ``dm21.reference`` ``output_arrays`` node."""
+    return integer_results_from_nodes({'': node})['']
+
+
+def integer_results_from_nodes(nodes: t.Mapping[str, orm.ArrayData]) -> dict[str, IntegerResult]:
+    """:func:`integer_result_from_node` of every node, their arrays read in one pass of the object store."""
     from aiida_dm21.reference.integer import IntegerResult
 
-    arrays = {name: node.get_array(name) for name in ARRAY_NAMES}
-    return IntegerResult.from_parts(node.base.attributes.get('spec'), node.base.attributes.get('scalars'), arrays)
+    labels = list(nodes)
+    arrays = read_arrays([nodes[label] for label in labels], ARRAY_NAMES)
+    return {
+        label: IntegerResult.from_parts(
+            nodes[label].base.attributes.get('spec'), nodes[label].base.attributes.get('scalars'), values
+        )
+        for label, values in zip(labels, arrays, strict=True)
+    }
 
 
 @calcfunction
@@ -45,7 +57,7 @@ def build_fractional_dataset(parameters: orm.Dict, **integer: orm.ArrayData) -> 
     from aiida_dm21.reference.fractional import fractional_charge_systems, fractional_spin_systems, integer_system
 
     p = parameters.get_dict()
-    results = {label: integer_result_from_node(node) for label, node in integer.items()}
+    results = integer_results_from_nodes(integer)
     missing = {lab for pair in p.get('fractional_charge', []) for lab in pair} | set(p.get('fractional_spin', []))
     missing |= set(p.get('integer', []))
     missing -= set(results)

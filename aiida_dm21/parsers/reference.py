@@ -48,12 +48,34 @@ class DM21ReferenceParser(NeverRaisingParser):
 
     UNREADABLE = 'ERROR_UNREADABLE_RESULTS'
 
+    def __init__(self, node: orm.CalcJobNode) -> None:
+        super().__init__(node)
+        self._retrieved: orm.FolderData | None = None
+        self._raw: dict[str, bytes] = {}  # files of a batch read ahead in one pass (see _prefetch)
+
+    def _retrieved_node(self) -> orm.FolderData:
+        """``self.retrieved``, looked up once (each ``self.retrieved`` is a link query)."""
+        if self._retrieved is None:
+            self._retrieved = self.retrieved
+        return self._retrieved
+
+    def _prefetch(self, names: list[str]) -> None:
+        """Read the batch's array files of ``names`` in one pass of the object store (best effort)."""
+        from aiida_dm21.data.objects import read_objects
+
+        wanted = [name for name in names if name.startswith('arrays_') and name.endswith('.npz')]
+        folder = self._retrieved_node()
+        try:
+            self._raw = dict(zip(wanted, read_objects([(folder, name) for name in wanted]), strict=True))
+        except (OSError, ValueError, KeyError):
+            self._raw = {}  # each file is read (and its problem reported) on its own
+
     def _read_payload(self, names: list[str]) -> dict[str, t.Any] | ExitCode:
         if RESULTS_FILE not in names:
             detail = f'{RESULTS_FILE} is not among the retrieved files ({", ".join(sorted(names)) or "none"})'
             return scheduler_exit_code(self) or self.exit_codes.ERROR_MISSING_RESULTS.format(detail=detail)
         try:
-            payload = json.loads(self.retrieved.base.repository.get_object_content(RESULTS_FILE, mode='r'))
+            payload = json.loads(self._retrieved_node().base.repository.get_object_content(RESULTS_FILE, mode='r'))
         except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
             return self._unreadable(f'{RESULTS_FILE}: {type(exc).__name__}: {exc}')
         if not isinstance(payload, dict):
@@ -76,7 +98,9 @@ class DM21ReferenceParser(NeverRaisingParser):
         if name not in names:
             return f'{name} was not retrieved'
         try:
-            raw = self.retrieved.base.repository.get_object_content(name, mode='rb')
+            raw = self._raw.pop(name, None)
+            if raw is None:
+                raw = self._retrieved_node().base.repository.get_object_content(name, mode='rb')
             with np.load(io.BytesIO(raw), allow_pickle=False) as data:
                 arrays = {key: np.asarray(data[key]) for key in ARRAY_NAMES}
         except (OSError, ValueError, KeyError, EOFError) as exc:
@@ -171,6 +195,7 @@ class DM21ReferenceParser(NeverRaisingParser):
         entries = payload['species']
         if not isinstance(entries, list):
             return self._unreadable(f'{RESULTS_FILE}: `species` is not a list')
+        self._prefetch(names)
         expected = self._expected_species()
         labels = [item['label'] for item in expected] if expected else []
         for entry in entries:
@@ -204,7 +229,7 @@ class DM21ReferenceParser(NeverRaisingParser):
 
     def _parse(self) -> ExitCode:
         try:
-            retrieved = self.retrieved
+            retrieved = self._retrieved_node()
         except NotExistent:
             return self.exit_codes.ERROR_NO_RETRIEVED_FOLDER
         names = retrieved.base.repository.list_object_names()

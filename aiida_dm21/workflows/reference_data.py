@@ -24,6 +24,7 @@ import math
 import typing as t
 
 from aiida import orm
+from aiida.common.links import LinkType
 from aiida.engine import WorkChain, append_, while_
 
 from aiida_dm21.calculations.fractional import build_fractional_dataset
@@ -387,6 +388,7 @@ class ReferenceDataWorkChain(WorkChain):
         self.ctx.attempts = dict.fromkeys(labels, 0)
         self.ctx.outcome = {}  # label -> ['converged', pk] | ['not_converged', message] | ['failed', message]
         self.ctx.jobs = []
+        self.ctx.arrays_pk = {}  # label -> pk of the converged species' output_arrays (read once, in inspect_jobs)
         self.ctx.wave = 0
         self.ctx.n_submitted = 0
 
@@ -451,15 +453,22 @@ class ReferenceDataWorkChain(WorkChain):
             self.to_context(jobs=append_(node))
 
     def inspect_jobs(self):
-        """Record every species of the finished wave; queue a failed species alone while it has retries left."""
+        """Record every species of the finished wave; queue a failed species alone while it has retries left.
+
+        Each job's output links are read once (one query), not per species: with hundreds of species in a batch,
+        ``node.outputs.species[key]`` per species costs a link query each.
+        """
         not_converged_status = DM21ReferenceCalculation.exit_codes.ERROR_REFERENCE_NOT_CONVERGED.status
         for labels, node in zip(self.ctx.current, self.ctx.jobs[self.ctx.wave_start :], strict=True):
-            statuses = node.outputs.species_status.get_dict() if 'species_status' in node.outputs else None
+            outputs = _outputs_of(node)
+            statuses = outputs['species_status'].get_dict() if 'species_status' in outputs else None
             for label in labels:
                 key = link_label(label)
+                arrays = None
                 if len(labels) == 1 and 'structure' in node.inputs:
                     if node.is_finished_ok:
-                        steps = unconverged_steps(node.outputs.output_arrays.base.attributes.get('scalars', {}))
+                        arrays = outputs['output_arrays']
+                        steps = unconverged_steps(arrays.base.attributes.get('scalars', {}))
                         outcome = ['not_converged', ', '.join(steps)] if steps else ['converged', node.pk]
                     elif node.exit_status == not_converged_status:
                         outcome = ['not_converged', node.exit_message]
@@ -468,7 +477,7 @@ class ReferenceDataWorkChain(WorkChain):
                 elif statuses is not None and key in statuses:
                     status = statuses[key]
                     if status['status'] == 'converged':
-                        arrays = node.outputs.species[key].output_arrays
+                        arrays = outputs[f'species__{key}__output_arrays']
                         steps = unconverged_steps(arrays.base.attributes.get('scalars', {}))
                         outcome = ['not_converged', ', '.join(steps)] if steps else ['converged', node.pk]
                     elif status['status'] == 'not_converged':
@@ -482,6 +491,8 @@ class ReferenceDataWorkChain(WorkChain):
                     self.ctx.queue.append([[label], self.ctx.attempts[label]])
                     self.report(f'{label} failed ({outcome[1]}): retry {self.ctx.attempts[label]} alone')
                 self.ctx.outcome[label] = outcome
+                if outcome[0] == 'converged' and arrays is not None:
+                    self.ctx.arrays_pk[label] = arrays.pk
 
     def inspect_references(self):
         failed, not_converged = [], []
@@ -498,11 +509,24 @@ class ReferenceDataWorkChain(WorkChain):
             return self.exit_codes.ERROR_REFERENCE_NOT_CONVERGED.format(labels=', '.join(not_converged))
         return None
 
-    def _arrays_of(self, label: str) -> orm.ArrayData:
-        node = orm.load_node(self.ctx.outcome[label][1])
-        if 'species_status' in node.outputs:
-            return node.outputs.species[link_label(label)].output_arrays
-        return node.outputs.output_arrays
+    def _arrays_of(self, labels: list[str]) -> dict[str, orm.ArrayData]:
+        """The ``output_arrays`` node of every species, loaded in one query where their pks are known."""
+        pks = self.ctx.get('arrays_pk', {})
+        known = [pks[label] for label in labels if label in pks]
+        loaded = {}
+        if known:
+            query = orm.QueryBuilder().append(orm.ArrayData, filters={'id': {'in': known}}, project='*')
+            loaded = {node.pk: node for (node,) in query.iterall()}
+        out = {}
+        for label in labels:
+            if pks.get(label) in loaded:
+                out[label] = loaded[pks[label]]
+                continue
+            node = orm.load_node(self.ctx.outcome[label][1])  # a workchain checkpointed before arrays_pk existed
+            outputs = _outputs_of(node)
+            key = f'species__{link_label(label)}__output_arrays'
+            out[label] = outputs[key] if 'species_status' in outputs else outputs['output_arrays']
+        return out
 
     def build_dataset(self):
         definition = self.ctx.definition
@@ -513,7 +537,8 @@ class ReferenceDataWorkChain(WorkChain):
             'deltas': self.inputs.deltas.get_list(),
             'spin_fractions': self.inputs.spin_fractions.get_list(),
         }
-        arrays = {f'{link_label(lab)}_{i}': self._arrays_of(lab) for i, lab in enumerate(self.ctx.labels)}
+        nodes = self._arrays_of(self.ctx.labels)
+        arrays = {f'{link_label(lab)}_{i}': nodes[lab] for i, lab in enumerate(self.ctx.labels)}
         # link labels must be identifiers: map the species labels (H+, He...) onto the namespace keys
         label_of = {key: node.base.attributes.get('spec')['label'] for key, node in arrays.items()}
         params_keys = {
@@ -528,6 +553,11 @@ class ReferenceDataWorkChain(WorkChain):
         dataset = build_fractional_dataset(orm.Dict(params_keys), **arrays)
         self.report(f'dataset<{dataset.pk}>: {dataset.n_systems} systems {dataset.kinds}')
         self.out('dataset', dataset)
+
+
+def _outputs_of(node: orm.ProcessNode) -> dict[str, orm.Node]:
+    """All outputs of ``node`` by their flat link label (``species__<key>__output_arrays``...), in one query."""
+    return {entry.link_label: entry.node for entry in node.base.links.get_outgoing(link_type=LinkType.CREATE).all()}
 
 
 def label_key(label_of: dict[str, str], label: str) -> str:
