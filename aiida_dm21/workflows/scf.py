@@ -26,8 +26,9 @@ Strategies the user has set already (``newton``, ``smearing``) are skipped.  Fra
 smearing of :data:`SMEARING` Ha) are what converges stretched bonds: for stretched H2 no integer occupation is
 self-consistent with DM21 (DIIS oscillates between the σg² and σu² states; the Newton solver finds a state with a
 virtual orbital below the HOMO), while the fractional one is, at two H atoms' energy (docs/core.md).  Stretched F2
-(2.5 Å) converges in neither restricted form: unrestricted, DIIS finds the broken-symmetry state (⟨S²⟩ ≈ 1), the
-last strategy for a singlet that ran restricted because ``scf_type`` was ``auto``.
+(2.5 Å) converges in neither restricted form: unrestricted, DIIS can find the broken-symmetry state (⟨S²⟩ ≈ 1;
+from the symmetric guess only through numerical noise, so not in every run), the last strategy for a singlet that
+ran restricted because ``scf_type`` was ``auto``.
 
 Every handler says in the workchain's report (``verdi process report``) what it changed.
 """

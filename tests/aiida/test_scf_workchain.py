@@ -360,30 +360,6 @@ def test_stretched_h2_converges_through_the_restart_chain(scf_inputs):
     assert handlers_with_report(node) == [['handle_not_aufbau'], []]
 
 
-F2_STRETCHED = [('F', (0.0, 0.0, 0.0)), ('F', (0.0, 0.0, 2.5))]
-
-
-@pytest.mark.slow
-def test_stretched_f2_converges_through_the_restart_chain(scf_inputs):
-    """F2 at 2.5 Å (DeepMind's issue #316), 6-31G, level 1, scf_type auto: restricted, DIIS oscillates (more cycles,
-    level shift), the Newton solver and fractional occupations do not give the ground state either; unrestricted,
-    DIIS converges to the broken-symmetry state (⟨S²⟩ ≈ 1), ~0.1 Ha below the restricted energies.  145 s idle."""
-    inputs = scf_inputs(F2_STRETCHED, basis='6-31g', grid_level=1, max_cycle=5)
-    results, node = run_get_node(DM21ScfWorkChain, **inputs)
-    assert node.is_finished_ok, (node.exit_status, node.exit_message, reports(node))
-    runs = children(node)
-    # measured: [400, 400, 400, 405, 400, 0] (Newton lands on a non-aufbau state, smearing does not converge)
-    assert [run.exit_status for run in runs][-1] == 0 and len(runs) == 6
-    assert {run.exit_status for run in runs[:-1]} <= {400, 405}
-    assert runs[-2].inputs.parameters['smearing'] == SMEARING
-    assert runs[-1].inputs.parameters['scf_type'] == 'UKS'
-    assert all(run.inputs.parameters.get('scf_type', 'auto') == 'auto' for run in runs[:-1])
-    output = results['output_parameters']
-    assert output['scf_type'] == 'UKS' and output['converged'] is True
-    assert output['s2'] == pytest.approx(1.0, abs=0.1)
-    assert output['e_tot'] == pytest.approx(-199.3438, abs=5e-3)  # measured: level 1, 52 cycles
-
-
 @pytest.mark.parametrize('exit_status', [300, 301, 302, 350, 140])
 def test_transient_failure_retried_once(workchain, failed_run, exit_status):
     process = workchain()
