@@ -398,18 +398,18 @@ def frontier(channels: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
     }
 
 
-def aufbau_violation(channels: list[tuple[np.ndarray, np.ndarray]]) -> float | None:
+def aufbau_violation(channels: list[tuple[np.ndarray, np.ndarray]], front: dict[str, Any]) -> float | None:
     """How far (Ha) the lowest empty orbital lies below the highest filled one of the same spin, at most over the
-    channels (<= 0: aufbau); ``None`` with fractional occupations or when a channel has no filled or no empty one."""
-    worst = None
-    for energy, occ in channels:
-        if np.any((occ > 1e-6) & (occ < 1.0 - 1e-6)):
-            return None
-        filled, empty = energy[occ > 0.5], energy[occ <= 0.5]
-        if filled.size and empty.size:
-            gap = float(filled.max() - empty.min())
-            worst = gap if worst is None else max(worst, gap)
-    return worst
+    channels (<= 0: aufbau), from :func:`frontier`'s per-spin HOMO and LUMO; ``None`` with fractional occupations or
+    when no channel has both a filled and an empty orbital."""
+    if any(np.any((occ > 1e-6) & (occ < 1.0 - 1e-6)) for _, occ in channels):
+        return None
+    gaps = [
+        homo - lumo
+        for homo, lumo in zip(front['homo_per_spin'], front['lumo_per_spin'], strict=True)
+        if homo is not None and lumo is not None
+    ]
+    return max(gaps, default=None)
 
 
 def smearing_results(mf) -> dict[str, Any]:
@@ -437,6 +437,7 @@ def versions() -> dict[str, str]:
 def scf_results(mf, scf_type: str) -> dict[str, Any]:
     """Everything ``results.json`` reports about a finished (converged or not) SCF."""
     channels = orbital_channels(mf, scf_type)
+    front = frontier(channels)
     results: dict[str, Any] = {
         'e_tot': _finite(mf.e_tot),
         'e_tot_is_finite': _finite(mf.e_tot) is not None,
@@ -446,10 +447,10 @@ def scf_results(mf, scf_type: str) -> dict[str, Any]:
         'e_disp': _finite(mf.scf_summary.get('dispersion', 0.0)),
         'mo_energy': [e.tolist() for e, _ in channels],
         'mo_occ': [o.tolist() for _, o in channels],
-        **frontier(channels),
+        **front,
         **smearing_results(mf),
     }
-    violation = aufbau_violation(channels)
+    violation = aufbau_violation(channels, front)
     results['aufbau_violation'] = violation
     results['aufbau'] = None if violation is None else violation <= AUFBAU_TOLERANCE
     try:

@@ -313,19 +313,24 @@ class DM21ScfWorkChain(ProtocolMixin, BaseRestartWorkChain):
         self.report(f'{node.process_label}<{node.pk}> ran out of walltime (exit {node.exit_status}): {where}{change}')
         return ProcessHandlerReport(True)
 
+    def _from_initial_guess(self, **settings: t.Any) -> int:
+        """Restart from the initial guess with ``settings`` and the integer-occupation aids off (no Newton, no level
+        shift) and at least 100 cycles; the new ``max_cycle``.  An oscillating or non-aufbau density is a poor start
+        for a strategy that changes the state model."""
+        parameters = self.ctx.inputs.parameters
+        parameters.update(newton=False, level_shift=0.0, **settings)
+        parameters['max_cycle'] = max(self._parameter('max_cycle'), 100)
+        self.ctx.inputs.pop('restart_density', None)
+        return parameters['max_cycle']
+
     def _fractional_occupations(self) -> str:
         """Switch to fractional occupations from the initial guess (no Newton, no level shift); what changed.  The
         strategies before it are then behind: a later 400 goes on with the unrestricted one."""
         self.ctx.convergence_stage = max(self.ctx.convergence_stage, 4)
-        parameters = self.ctx.inputs.parameters
-        parameters['smearing'] = SMEARING
-        parameters['newton'] = False
-        parameters['level_shift'] = 0.0
-        parameters['max_cycle'] = max(self._parameter('max_cycle'), 100)
-        self.ctx.inputs.pop('restart_density', None)  # an oscillating or non-aufbau density is a poor start here
+        max_cycle = self._from_initial_guess(smearing=SMEARING)
         return (
             f'fractional occupations (smearing -> {SMEARING:g} Ha, newton and level shift off, '
-            f'max_cycle -> {parameters["max_cycle"]}) from the initial guess'
+            f'max_cycle -> {max_cycle}) from the initial guess'
         )
 
     @process_handler(priority=450, exit_codes=[_CODES.ERROR_NOT_AUFBAU])
@@ -374,16 +379,11 @@ class DM21ScfWorkChain(ProtocolMixin, BaseRestartWorkChain):
             elif stage == 5:
                 if self._parameter('scf_type') != 'auto' or self._parameter('multiplicity') != 1:
                     continue  # restricted asked for, or unrestricted already
-                parameters['scf_type'] = 'UKS'
-                parameters['smearing'] = 0.0
-                parameters['newton'] = False
-                parameters['level_shift'] = 0.0
-                parameters['max_cycle'] = max(self._parameter('max_cycle'), 100)
-                self.ctx.inputs.pop('restart_density', None)
+                max_cycle = self._from_initial_guess(scf_type='UKS', smearing=0.0)
                 self.report(
                     f'{node.process_label}<{node.pk}> did not converge (exit 400): unrestricted (scf_type -> UKS, '
                     f'spin symmetry free to break; smearing, newton and level shift off, max_cycle -> '
-                    f'{parameters["max_cycle"]}) from the initial guess'
+                    f'{max_cycle}) from the initial guess'
                 )
                 return ProcessHandlerReport(True)
             else:
