@@ -3,6 +3,7 @@ V, Cr and Mn do not converge) either converges or ends as not converged with fin
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -167,3 +168,86 @@ def test_smearing_refusals(checkpoint, tmp_path):
         assert results['error']['category'] == 'unsupported_input'
         assert message in results['error']['message'], results['error']['message']
         assert results['density_file'] is None
+
+
+F2_STRETCHED = {'symbols': ['F', 'F'], 'positions': [[0, 0, 0], [0, 0, 2.5]], 'basis': '6-31g'}
+
+
+def test_broken_symmetry_guess_converges_stretched_f2(checkpoint, tmp_path):
+    """F2 at 2.5 Å, UKS from ``b3lyp_broken_symmetry``: B3LYP's symmetric state is unstable (PySCF's stability
+    analysis), the broken-symmetry one lies 0.086 Ha lower, and DM21 converges from it to ⟨S²⟩ ≈ 1.  From the
+    symmetric guess the symmetry broke only through noise (52 cycles in one run, not converged in 100 in another).
+    Measured at level 1: B3LYP -199.27524 -> -199.36128 -> -199.36190 Ha (⟨S²⟩ 0.989), DM21 -199.34424 Ha
+    (⟨S²⟩ 0.987) in 6 cycles; 5 s in all."""
+    shutil.copy(checkpoint, tmp_path / 'model.safetensors')
+    data = {**F2_STRETCHED, 'checkpoint': 'model.safetensors', 'grid_level': 1, 'max_cycle': 100}
+    data.update(scf_type='UKS', init_guess='b3lyp_broken_symmetry')
+    (tmp_path / 'input.json').write_text(json.dumps(data))
+    status = runner.run(tmp_path / 'input.json', tmp_path)
+    results = _strict_json((tmp_path / 'results.json').read_text())
+    assert status == runner.EXIT_CONVERGED, results.get('error')
+    guess = results['guess']
+    assert guess['init_guess'] == 'b3lyp_broken_symmetry' and guess['b3lyp_converged'] is True
+    energies = guess['b3lyp_e_tot']
+    assert len(energies) >= 2 and energies[0] - energies[1] > 0.05  # the first round broke the symmetry
+    assert all(later <= earlier + 1e-8 for earlier, later in itertools.pairwise(energies))
+    assert guess['b3lyp_s2'] == pytest.approx(1.0, abs=0.1)
+    assert results['s2'] == pytest.approx(1.0, abs=0.1)
+    assert results['e_tot'] == pytest.approx(-199.3442, abs=5e-3)
+
+
+def test_broken_symmetry_guess_of_a_stable_molecule_is_the_b3lyp_guess(checkpoint, tmp_path):
+    """H2 at 0.74 Å: B3LYP's UKS state is stable, so the broken-symmetry guess is the ordinary one (one B3LYP
+    energy, ⟨S²⟩ 0) and the DM21 energy is the one from ``b3lyp``."""
+    energies = []
+    for guess in ('b3lyp', 'b3lyp_broken_symmetry'):
+        workdir = tmp_path / guess
+        workdir.mkdir()
+        shutil.copy(checkpoint, workdir / 'model.safetensors')
+        data = {'symbols': ['H', 'H'], 'positions': [[0, 0, 0], [0, 0, 0.74]], 'basis': 'sto-3g', 'grid_level': 0}
+        data.update(checkpoint='model.safetensors', scf_type='UKS', init_guess=guess)
+        (workdir / 'input.json').write_text(json.dumps(data))
+        assert runner.run(workdir / 'input.json', workdir) == runner.EXIT_CONVERGED
+        results = _strict_json((workdir / 'results.json').read_text())
+        energies.append(results['e_tot'])
+        if guess == 'b3lyp':
+            assert results['guess'] is None
+        else:
+            info = results['guess']
+            assert info['b3lyp_stable'] is True and len(info['b3lyp_e_tot']) == 1
+            assert info['b3lyp_s2'] == pytest.approx(0.0, abs=1e-8)
+    assert energies[1] == pytest.approx(energies[0], abs=1e-8)
+
+
+@pytest.mark.parametrize(
+    ('scf_type', 'multiplicity', 'runs'),
+    [('RKS', 1, 'runs RKS'), ('ROKS', 3, 'runs ROKS'), ('auto', 1, 'runs RKS (scf_type auto, multiplicity 1)')],
+)
+def test_broken_symmetry_guess_refused_for_restricted_scf(checkpoint, tmp_path, scf_type, multiplicity, runs):
+    """A restricted SCF has one set of spatial orbitals: nothing to break; refused before any SCF."""
+    shutil.copy(checkpoint, tmp_path / 'model.safetensors')
+    data = {'symbols': ['O'], 'positions': [[0, 0, 0]], 'basis': 'sto-3g', 'checkpoint': 'model.safetensors'}
+    data.update(scf_type=scf_type, multiplicity=multiplicity, init_guess='b3lyp_broken_symmetry')
+    (tmp_path / 'input.json').write_text(json.dumps(data))
+    assert runner.run(tmp_path / 'input.json', tmp_path) == runner.EXIT_BAD_INPUT
+    results = json.loads((tmp_path / 'results.json').read_text())
+    assert results['error']['category'] == 'unsupported_input'
+    assert runs in results['error']['message'] and 'set scf_type UKS' in results['error']['message']
+    assert results['density_file'] is None
+
+
+def test_broken_symmetry_guess_accepted_where_unrestricted():
+    assert runner.check_init_guess('b3lyp_broken_symmetry', 'UKS', 1) is None
+    assert runner.check_init_guess('b3lyp_broken_symmetry', 'auto', 3) is None  # auto open shell runs UKS
+    assert runner.check_init_guess('b3lyp', 'RKS', 1) is None
+
+
+def test_broken_symmetry_guess_refused_by_the_functional_for_rks(checkpoint):
+    from pyscf import gto
+
+    from aiida_dm21.functional import scf
+
+    mol = gto.M(atom='H 0 0 0; H 0 0 0.74', basis='sto-3g', verbose=0)
+    for mf in (scf.RKS(mol, str(checkpoint)), scf.ROKS(mol, str(checkpoint))):
+        with pytest.raises(ValueError, match='needs an unrestricted SCF'):
+            scf.b3lyp_broken_symmetry_guess(mf)

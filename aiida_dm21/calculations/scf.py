@@ -34,6 +34,7 @@ from aiida_dm21.runner.scf import (
     SCF_TYPES,
     basis_ecp,
     check_geometry,
+    check_init_guess,
     check_occupations,
 )
 
@@ -148,7 +149,11 @@ PARAMETERS: dict[str, Parameter] = {
     'conv_tol_grad': Parameter((float, int), 1e-3, 'orbital gradient threshold', _at_least(0, strict=True)),
     'max_cycle': Parameter((int,), 50, 'maximum number of SCF cycles', _at_least(1)),
     'init_guess': Parameter(
-        (str,), 'b3lyp', 'initial density: b3lyp (converged B3LYP), minao, atom, huckel or 1e', _one_of(INIT_GUESSES)
+        (str,),
+        'b3lyp',
+        'initial density: b3lyp (converged B3LYP), b3lyp_broken_symmetry (UKS: B3LYP past its spin-symmetry-breaking '
+        'instabilities, for stretched bonds), minao, atom, huckel or 1e',
+        _one_of(INIT_GUESSES),
     ),
     'open_shell_direction': Parameter(
         (str, list),
@@ -215,6 +220,10 @@ def validate_parameters(value: orm.Dict | t.Mapping[str, t.Any], _: t.Any = None
     problems = [p for p in problems if p]
     if not problems and data.get('newton') and data.get('smearing'):
         problems.append('`smearing` and `newton` cannot be combined: the second-order solver needs integer occupations')
+    if not problems:
+        guess = check_init_guess(data.get('init_guess'), data.get('scf_type') or 'auto', data.get('multiplicity') or 1)
+        if guess:
+            problems.append(guess)
     return '; '.join(problems) if problems else None
 
 

@@ -10,7 +10,9 @@ Defaults follow DeepMind's recommendations for DM21 and are attributes you can c
 ==================  ==========  ==========================================================
 attribute           default     why
 ==================  ==========  ==========================================================
-``init_guess``      ``'b3lyp'`` start from a converged B3LYP (VWN5) density on the same grid
+``init_guess``      ``'b3lyp'`` start from a converged B3LYP (VWN5) density on the same grid;
+                                ``'b3lyp_broken_symmetry'`` (UKS): from its spin-symmetry-broken
+                                state where there is a lower one (:func:`b3lyp_broken_symmetry_guess`)
 ``conv_tol``        1e-6        energy change (Ha); the network is float32, 1e-7 is the floor
 ``conv_tol_grad``   1e-3        orbital gradient; tighter is rarely reachable in float32
 ``small_rho_cutoff``1e-7        PySCF's default: drop the points that hold < 1e-7 electrons in all
@@ -96,10 +98,71 @@ def b3lyp_guess(mf) -> np.ndarray:
     return guess.make_rdm1()
 
 
+#: The most rounds of PySCF's stability analysis (follow the lowest instability, re-converge) in
+#: :func:`b3lyp_broken_symmetry_guess`; stretched F2 (2.5 Å, 6-31G) needs one (E -0.086 Ha, <S^2> 0 -> 0.97), the
+#: next rounds move it by 6e-4 and 1e-6 Ha.
+BROKEN_SYMMETRY_ROUNDS = 3
+#: Ha: a stability round that lowers the B3LYP energy by less than this ends the search.
+BROKEN_SYMMETRY_TOLERANCE = 1e-5
+
+
+def b3lyp_broken_symmetry_guess(mf) -> np.ndarray:
+    """Converged unrestricted B3LYP density that breaks the spin symmetry where that lowers the energy.
+
+    The B3LYP UKS from PySCF's guess keeps the alpha and beta densities equal when they start equal (a singlet's
+    guess), even where a stretched bond wants them apart: a saddle point.  PySCF's internal stability analysis
+    (``mf.stability()``, the UKS orbital Hessian) finds the direction down from it; B3LYP is converged again from
+    there, at most :data:`BROKEN_SYMMETRY_ROUNDS` times, until it is stable or gains less than
+    :data:`BROKEN_SYMMETRY_TOLERANCE`.  A state that is stable at once is returned as it is (a closed-shell
+    molecule near equilibrium: the ordinary B3LYP guess).  Only for UKS (``ValueError`` otherwise): RKS and ROKS
+    have one set of spatial orbitals.  ``mf.guess_info`` records the rounds, energies and ⟨S²⟩.
+    """
+    if not isinstance(mf, pyscf_uks.UKS) or isinstance(mf, pyscf_roks.ROKS):
+        raise ValueError(
+            'init_guess b3lyp_broken_symmetry needs an unrestricted SCF (UKS): a restricted one has one set of '
+            'spatial orbitals for both spins'
+        )
+    guess = b3lyp_solver(mf)
+    guess.kernel()
+    energies = [float(guess.e_tot)]
+    stable = False
+    for _ in range(BROKEN_SYMMETRY_ROUNDS):
+        mo, _, stable, _ = guess.stability(return_status=True)
+        if stable:
+            break
+        guess.kernel(dm0=guess.make_rdm1(mo, guess.mo_occ))
+        energies.append(float(guess.e_tot))
+        if energies[-2] - energies[-1] < BROKEN_SYMMETRY_TOLERANCE:
+            break
+    s2 = float(guess.spin_square()[0])
+    mf.guess_info = {
+        'init_guess': 'b3lyp_broken_symmetry',
+        'b3lyp_e_tot': energies,
+        'b3lyp_converged': bool(guess.converged),
+        'b3lyp_stable': bool(stable),
+        'b3lyp_s2': s2,
+    }
+    logger.info(
+        mf,
+        'B3LYP broken-symmetry guess: E = %s, <S^2> = %.4f, stable=%s',
+        ', '.join(f'{e:.10f}' for e in energies),
+        s2,
+        stable,
+    )
+    return guess.make_rdm1()
+
+
 class _DM21Mixin:
     """What the DM21 SCF classes add to PySCF's KS classes."""
 
-    _keys: ClassVar[set[str]] = {'functional', 'network', 'checkpoint_metadata', 'open_shell_direction', 'disp'}
+    _keys: ClassVar[set[str]] = {
+        'functional',
+        'network',
+        'checkpoint_metadata',
+        'open_shell_direction',
+        'disp',
+        'guess_info',
+    }
 
     def _setup_dm21(self, functional: FunctionalSpec, network_dtype, disp: str | None = None, **numint_options) -> None:
         check_supported_molecule(self.mol)
@@ -117,6 +180,7 @@ class _DM21Mixin:
         self.functional = metadata.get('name', str(functional))
         self.checkpoint_metadata = metadata
         self.network = network
+        self.guess_info = None  # what a guess that is more than one SCF did (b3lyp_broken_symmetry_guess)
         self._numint = DM21NumInt(network, network_dtype=network_dtype, **numint_options)
         self.xc = self.functional  # for display only: get_veff below never hands xc to libxc
         self.init_guess = 'b3lyp'
@@ -182,6 +246,8 @@ class _DM21Mixin:
             if direction == 'lowest':
                 return atoms.lowest_guess(self).dm
             return atoms.oriented_guess(self, direction)[0]
+        if isinstance(key, str) and key.lower() == 'b3lyp_broken_symmetry':
+            return b3lyp_broken_symmetry_guess(self)
         return super().get_init_guess(mol, key, **kwargs)
 
     def _dm21_veff(self, mol, dm, hermi: int, unrestricted: bool):

@@ -45,6 +45,7 @@ COPIED_KEYS: tuple[str, ...] = (
     'dipole',
     's2',
     's2_multiplicity',
+    'guess',
     'timings',
     'versions',
     'threads',

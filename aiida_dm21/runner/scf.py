@@ -16,7 +16,8 @@ key                    meaning
 ``conv_tol``           energy convergence (Ha)
 ``conv_tol_grad``      orbital-gradient convergence
 ``max_cycle``          maximum number of SCF cycles
-``init_guess``         ``b3lyp`` (converged B3LYP density) or a PySCF guess
+``init_guess``         ``b3lyp`` (converged B3LYP density), ``b3lyp_broken_symmetry`` (UKS only: B3LYP followed
+                       down its spin-symmetry-breaking instabilities) or a PySCF guess
 ``open_shell_direction`` optional, open-shell atoms: ``"lowest"`` or ``[x, y, z]`` (see functional.atoms)
 ``level_shift``        level shift (Ha)
 ``damp``               Fock damping factor for the first 3 cycles (DIIS starts at cycle 4)
@@ -113,7 +114,22 @@ AUFBAU_TOLERANCE = 1e-3
 OCCUPIED = 0.5
 
 SCF_TYPES = ('auto', 'RKS', 'UKS', 'ROKS')
-INIT_GUESSES = ('b3lyp', 'minao', 'atom', 'huckel', '1e')
+INIT_GUESSES = ('b3lyp', 'b3lyp_broken_symmetry', 'minao', 'atom', 'huckel', '1e')
+
+
+def check_init_guess(init_guess: str | None, scf_type: str, multiplicity: int) -> str | None:
+    """Why ``init_guess`` cannot start this SCF (``None`` if it can): ``b3lyp_broken_symmetry`` needs UKS."""
+    if init_guess != 'b3lyp_broken_symmetry':
+        return None
+    if scf_type == 'UKS' or (scf_type == 'auto' and multiplicity != 1):
+        return None
+    runs = 'RKS (scf_type auto, multiplicity 1)' if scf_type == 'auto' else scf_type
+    return (
+        f'init_guess b3lyp_broken_symmetry breaks the spin symmetry of an unrestricted SCF, but this one runs {runs}, '
+        'with one set of spatial orbitals for both spins: set scf_type UKS'
+    )
+
+
 AU2EV = 27.211386245988  # CODATA 2018, as PySCF's nist.HARTREE2EV
 
 
@@ -169,6 +185,9 @@ def read_input(path: Path) -> dict[str, Any]:
         problem = _numeric_problem(data.get(key), kind, low, high, strict)
         if problem:
             raise RunnerError('unsupported_input', f'`{key}` {problem}, got {data[key]!r}')
+    problem = check_init_guess(guess, data['scf_type'], data['multiplicity'])
+    if problem:
+        raise RunnerError('unsupported_input', problem)
     relax = data.get('relax')
     if relax is not None and data.get('smearing'):
         raise RunnerError('unsupported_input', '`smearing` with `relax`: the analytic forces need integer occupations')
@@ -449,6 +468,7 @@ def scf_results(mf, scf_type: str) -> dict[str, Any]:
         'mo_occ': [o.tolist() for _, o in channels],
         **front,
         **smearing_results(mf),
+        'guess': getattr(mf, 'guess_info', None),
     }
     violation = aufbau_violation(channels, front)
     results['aufbau_violation'] = violation

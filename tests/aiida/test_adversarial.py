@@ -109,6 +109,14 @@ BAD_PARAMETERS = {
     'scf_type-lowercase': ({'scf_type': 'rks'}, "`scf_type`: 'rks' is not one of"),
     'scf_type-rks-open-shell': ({'scf_type': 'RKS', 'multiplicity': 3}, 'scf_type RKS needs multiplicity 1'),
     'init_guess-unknown': ({'init_guess': 'sad'}, "`init_guess`: 'sad' is not one of"),
+    'init_guess-broken-symmetry-restricted': (
+        {'init_guess': 'b3lyp_broken_symmetry'},
+        'this one runs RKS (scf_type auto, multiplicity 1)',
+    ),
+    'init_guess-broken-symmetry-roks': (
+        {'init_guess': 'b3lyp_broken_symmetry', 'scf_type': 'ROKS', 'multiplicity': 3},
+        'init_guess b3lyp_broken_symmetry breaks the spin symmetry of an unrestricted SCF, but this one runs ROKS',
+    ),
     'direction-nan': ({'open_shell_direction': [NAN, 0.0, 0.0]}, 'neither'),
     'direction-inf': ({'open_shell_direction': [INF, 0.0, 0.0]}, 'neither'),
     'direction-zero': ({'open_shell_direction': [0, 0, 0]}, 'non-zero 3-vector'),

@@ -280,8 +280,9 @@ def test_not_converged_after_every_strategy_aborts_with_outputs(workchain, faile
     # the 5th: a singlet that ran restricted because scf_type is auto: unrestricted, integer occupations
     assert inspect(process, *runs[:5]).status == 0
     assert (parameters['scf_type'], parameters['smearing'], parameters['newton']) == ('UKS', 0.0, False)
+    assert parameters['init_guess'] == 'b3lyp_broken_symmetry'
     assert 'restart_density' not in process.ctx.inputs
-    assert 'unrestricted (scf_type -> UKS' in reports(process.node)[-2]
+    assert 'unrestricted (scf_type -> UKS, init_guess -> b3lyp_broken_symmetry' in reports(process.node)[-2]
     result = inspect(process, *runs)
     assert result.status == 400
     assert 'did not converge with any strategy' in result.message
@@ -358,6 +359,32 @@ def test_stretched_h2_converges_through_the_restart_chain(scf_inputs):
     assert output['e_tot'] == pytest.approx(-1.0009, abs=3e-3)
     assert output['e_tot'] < runs[0].outputs.output_parameters['e_tot'] - 0.05
     assert handlers_with_report(node) == [['handle_not_aufbau'], []]
+
+
+F2_STRETCHED = [('F', (0.0, 0.0, 0.0)), ('F', (0.0, 0.0, 2.5))]
+
+
+@pytest.mark.slow
+def test_stretched_f2_converges_through_the_restart_chain(scf_inputs):
+    """F2 at 2.5 Å (DeepMind's issue #316), 6-31G, level 1, scf_type auto: restricted, DIIS oscillates (more cycles,
+    level shift), the Newton solver and fractional occupations do not give the ground state either; unrestricted
+    from B3LYP's broken-symmetry state, DIIS converges to DM21's (⟨S²⟩ ≈ 1), ~0.07 Ha below B3LYP's symmetric one."""
+    inputs = scf_inputs(F2_STRETCHED, basis='6-31g', grid_level=1, max_cycle=5)
+    results, node = run_get_node(DM21ScfWorkChain, **inputs)
+    assert node.is_finished_ok, (node.exit_status, node.exit_message, reports(node))
+    runs = children(node)
+    # measured: [400, 400, 400, 405, 400, 0] (Newton lands on a non-aufbau state, smearing does not converge)
+    assert [run.exit_status for run in runs][-1] == 0 and len(runs) == 6, [run.exit_status for run in runs]
+    assert {run.exit_status for run in runs[:-1]} <= {400, 405}
+    assert runs[-2].inputs.parameters['smearing'] == SMEARING
+    last = runs[-1].inputs.parameters
+    assert (last['scf_type'], last['init_guess']) == ('UKS', 'b3lyp_broken_symmetry')
+    assert all(run.inputs.parameters.get('scf_type', 'auto') == 'auto' for run in runs[:-1])
+    output = results['output_parameters']
+    assert output['scf_type'] == 'UKS' and output['converged'] is True
+    assert output['s2'] == pytest.approx(1.0, abs=0.1)
+    assert output['guess']['b3lyp_s2'] == pytest.approx(1.0, abs=0.1)  # the guess broke the symmetry, not noise
+    assert output['e_tot'] == pytest.approx(-199.3442, abs=5e-3)  # measured: level 1 (-199.34424, 0.987)
 
 
 @pytest.mark.parametrize('exit_status', [300, 301, 302, 350, 140])
