@@ -22,6 +22,7 @@ from aiida_dm21.runner.common import (
     INPUT_FORMAT_VERSION,
     THREAD_VARIABLES,
     ThreadCountError,
+    apply_thread_count,
     available_cpus,
     thread_count,
     thread_summary,
@@ -146,9 +147,9 @@ def test_reference_runner_sets_and_records_pyscf_threads(tmp_path):
         'granted': 1,
         'available': available_cpus(),
         'processes': 1,
-        'libraries': {'pyscf': 1},
+        'libraries': {'pyscf': 1, 'blas': 1},
     }
-    assert 'threads: SLURM_CPUS_PER_TASK=1 (pyscf 1)' in done.stdout
+    assert 'threads: SLURM_CPUS_PER_TASK=1 (pyscf 1, blas 1)' in done.stdout
     assert results['versions']['pyscf'] != 'unknown'
 
 
@@ -181,8 +182,8 @@ def random_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def test_scf_runner_sets_and_records_all_three_libraries(tmp_path, random_checkpoint):
-    """PBS_NUM_PPN=1: PyTorch, numba and PySCF all run one thread; the SCF itself runs (two cycles here)."""
+def test_scf_runner_sets_and_records_all_four_libraries(tmp_path, random_checkpoint):
+    """PBS_NUM_PPN=1: PyTorch, numba, PySCF and the BLAS pools all run one thread; the SCF runs (two cycles)."""
     import shutil
 
     shutil.copy(random_checkpoint, tmp_path / 'checkpoint.safetensors')
@@ -193,6 +194,7 @@ def test_scf_runner_sets_and_records_all_three_libraries(tmp_path, random_checkp
     threads = results['threads']
     assert threads['count'] == 1 and threads['source'] == 'PBS_NUM_PPN' and threads['granted'] == 1
     assert threads['libraries']['torch'] == 1 and threads['libraries']['pyscf'] == 1
+    assert threads['libraries']['blas'] == 1  # numpy's and scipy's OpenBLAS pools (threadpoolctl)
     assert threads['libraries']['numba'] in (1, None)  # None only where numba cannot be imported
     assert results['error'] is None and results['cycles'] >= 1
 
@@ -250,9 +252,11 @@ def restore_threads():
     import numba
     import torch
     from pyscf import lib
+    from threadpoolctl import threadpool_limits
 
     saved = torch.get_num_threads(), numba.get_num_threads(), lib.num_threads()
-    yield
+    with threadpool_limits(limits=None):  # the BLAS pools come back on leaving
+        yield
     torch.set_num_threads(saved[0])
     numba.set_num_threads(saved[1])
     lib.num_threads(saved[2])
@@ -270,4 +274,19 @@ def test_training_runner_shares_the_threads_between_torchrun_processes(
     assert main([str(path)]) == EXIT_BAD_INPUT  # no such dataset: refused after the threads were set
     threads = json.loads((tmp_path / 'error.json').read_text())['threads']
     assert threads['processes'] == 2 and threads['count'] == 1 and threads['source'] == 'SLURM_CPUS_PER_TASK'
-    assert threads['libraries'] == {'torch': 1, 'numba': 1, 'pyscf': 1}
+    assert threads['libraries'] == {'torch': 1, 'numba': 1, 'pyscf': 1, 'blas': 1}
+
+
+def test_blas_pools_limited_to_the_granted_threads():
+    """numpy and scipy each load their own OpenBLAS, whose pools start at every CPU of the node: one thread
+    granted means one thread in each of them (threadpoolctl), and the record says so."""
+    threadpoolctl = pytest.importorskip('threadpoolctl')
+    import scipy.linalg  # noqa: F401  (its BLAS loaded too)
+
+    with threadpoolctl.threadpool_limits(limits=None):  # puts the pools back afterwards
+        record = apply_thread_count(('blas',), environ={'SLURM_CPUS_PER_TASK': '1'})
+        pools = threadpoolctl.threadpool_info()
+        blas = [pool['num_threads'] for pool in pools if pool['user_api'] == 'blas']
+        assert blas and set(blas) == {1}, pools
+        assert record['libraries'] == {'blas': 1}
+        assert '(blas 1)' in thread_summary(record)

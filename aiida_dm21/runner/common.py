@@ -54,8 +54,10 @@ def package_versions() -> dict[str, str]:
 #: then whatever the job script exported as ``OMP_NUM_THREADS``.
 THREAD_VARIABLES: tuple[str, ...] = ('SLURM_CPUS_PER_TASK', 'PBS_NUM_PPN', 'NCPUS', 'OMP_NUM_THREADS')
 
-#: The libraries :func:`apply_thread_count` sets, in this order.
-THREAD_LIBRARIES: tuple[str, ...] = ('torch', 'numba', 'pyscf')
+#: The libraries :func:`apply_thread_count` sets, in this order.  ``blas``: the BLAS pools numpy and scipy load
+#: (their own OpenBLAS builds, each with a thread pool sized to every CPU of the node, not to the job), set with
+#: threadpoolctl.
+THREAD_LIBRARIES: tuple[str, ...] = ('torch', 'numba', 'pyscf', 'blas')
 
 
 class ThreadCountError(ValueError):
@@ -107,10 +109,30 @@ def thread_count(environ: Mapping[str, str] | None = None, processes: int = 1) -
     return {'count': None, 'source': 'default', 'granted': None, 'available': available, 'processes': processes}
 
 
+def _limit_blas(count: int | None) -> int | None:
+    """Set the BLAS pools that numpy and scipy loaded to ``count`` threads (threadpoolctl); the largest pool after.
+
+    ``None`` where threadpoolctl cannot be imported or no BLAS library is loaded.  The limit holds for the rest of
+    the process (threadpoolctl restores only when used as a context manager).
+    """
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # a dependency, but the runners must still run where it is missing
+        return None
+    import numpy  # noqa: F401  (load the BLAS libraries, so that threadpoolctl finds them)
+    import scipy.linalg  # noqa: F401
+
+    controller = ThreadpoolController()
+    if count is not None:
+        controller.limit(limits=count, user_api='blas')
+    pools = [int(info['num_threads']) for info in controller.select(user_api='blas').info()]
+    return max(pools) if pools else None
+
+
 def apply_thread_count(
     libraries: Sequence[str] = THREAD_LIBRARIES, environ: Mapping[str, str] | None = None, processes: int = 1
 ) -> dict[str, Any]:
-    """Set the threads of ``libraries`` (``torch``, ``numba``, ``pyscf``) to what the scheduler granted.
+    """Set the threads of ``libraries`` (``torch``, ``numba``, ``pyscf``, ``blas``) to what the scheduler granted.
 
     Returns :func:`thread_count`'s record with ``libraries``: every library's thread count after the call (its
     default when nothing was granted), for the runner's output files.  ``torch`` and ``pyscf`` are imported
@@ -142,6 +164,8 @@ def apply_thread_count(
             from pyscf import lib
 
             found['pyscf'] = int(lib.num_threads(count) if count is not None else lib.num_threads())
+        elif library == 'blas':
+            found['blas'] = _limit_blas(count)
         else:
             raise ValueError(f'unknown library {library!r}: expected some of {", ".join(THREAD_LIBRARIES)}')
     record['libraries'] = found

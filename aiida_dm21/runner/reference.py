@@ -220,7 +220,7 @@ def run(path: Path) -> int:
     status = EXIT_FAILED
     try:
         try:  # PySCF only: a reference job never imports PyTorch
-            payload['threads'] = apply_thread_count(('pyscf',))
+            payload['threads'] = apply_thread_count(('pyscf', 'blas'))
         except ThreadCountError as exc:
             raise RunnerError('unsupported_input', str(exc)) from exc
         print(thread_summary(payload['threads']), flush=True)

@@ -272,7 +272,7 @@ def test_reference_launch_runs_in_process(cli, python_code, restore_aiida_loggin
     )
     assert f'aiida-dm21 train launch {dataset.pk}' in result.output
     for calc in references:  # every runner recorded its thread choice
-        assert set(calc.outputs.output_parameters['threads']['libraries']) == {'pyscf'}
+        assert set(calc.outputs.output_parameters['threads']['libraries']) == {'pyscf', 'blas'}
 
     _, group = dataset_group()
     runner = CliRunner()
@@ -329,4 +329,4 @@ def test_train_launch_runs_in_process(cli, python_code, h_dataset):
     assert checkpoint.name == 'h-cli'
     assert f'dm21.train<{train.pk}> 1 dataset(s), {h_dataset.n_systems} systems, 1 epochs' in result.output
     assert f"dm21.checkpoint<{checkpoint.pk}> 'h-cli'" in result.output and 'E_xc MAE' in result.output
-    assert set(train.outputs.metrics['threads']['libraries']) == {'torch', 'numba', 'pyscf'}
+    assert set(train.outputs.metrics['threads']['libraries']) == {'torch', 'numba', 'pyscf', 'blas'}

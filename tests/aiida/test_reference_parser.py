@@ -112,7 +112,7 @@ def test_real_output_is_parsed(reference_node):
     assert parameters['e_ref'] < parameters['e_hf'] < 0
     assert set(parameters['versions']) == {'python', 'numpy', 'pyscf', 'torch', 'aiida_dm21'}
     assert set(parameters['threads']) == {'count', 'source', 'granted', 'available', 'processes', 'libraries'}
-    assert set(parameters['threads']['libraries']) == {'pyscf'}
+    assert set(parameters['threads']['libraries']) == {'pyscf', 'blas'}
     assert parameters['format_version'] == 1
     assert results['output_arrays'].get_array('dm').shape[0] == 2
     assert cache_valid_after(node, 0)
