@@ -1,4 +1,5 @@
-"""``verdi data dm21.checkpoint list|show|export`` and ``verdi data dm21.dataset list|show``: ``verdi data`` plugins.
+"""``verdi data dm21.checkpoint list|show|export`` and ``verdi data dm21.dataset list|show|export``: ``verdi data``
+plugins.
 
 Registered through the ``aiida.cmdline.data`` entry points ``dm21.checkpoint`` and ``dm21.dataset``; the
 checkpoint commands do their work with the same functions as ``aiida-dm21 checkpoint list|show|export``
@@ -23,7 +24,14 @@ if t.TYPE_CHECKING:
 
     from ..data.dataset import DM21DatasetData
 
-__all__ = ('checkpoint_data', 'dataset_data', 'dataset_details', 'dataset_table', 'stored_datasets')
+__all__ = (
+    'checkpoint_data',
+    'dataset_data',
+    'dataset_details',
+    'dataset_table',
+    'export_dataset',
+    'stored_datasets',
+)
 
 CHECKPOINT = arguments.DATUM(type=types.DataParamType(sub_classes=('aiida.data:dm21.checkpoint',)))
 DATASET = arguments.DATUM(type=types.DataParamType(sub_classes=('aiida.data:dm21.dataset',)))
@@ -168,3 +176,35 @@ def dataset_data_list(basis: str | None, element: str | None) -> None:
 def dataset_data_show(datum) -> None:
     """Show the attributes of a dm21.dataset node (pk, UUID or label)."""
     _print(dataset_details(datum))
+
+
+@dataset_data.command('export')
+@DATASET
+@click.argument('path', type=click.Path(path_type=Path))
+@click.option('--overwrite', is_flag=True, help='Replace an existing file.')
+@decorators.with_dbenv()
+def dataset_data_export(datum, path: Path, overwrite: bool) -> None:
+    """Write the .npz of a dm21.dataset node to PATH (a file, or a folder: dm21-dataset-PK.npz in it), checked
+    against its checksum; the training runner (``python -m aiida_dm21.training.train``) reads it as it is."""
+    try:
+        target = export_dataset(datum, path, overwrite)
+    except click.ClickException as exc:
+        echo.echo_critical(exc.message)
+    else:
+        echo.echo_success(f'wrote {target} ({datum.n_systems} systems, checksum {(datum.checksum or "")[:12]})')
+
+
+def export_dataset(node: DM21DatasetData, path: Path, overwrite: bool = False) -> Path:
+    """Write the node's ``.npz`` to ``path`` (a folder gets ``dm21-dataset-<pk>.npz``); the file written.
+
+    :raises click.ClickException: the file exists and ``overwrite`` is false, it cannot be written, or the stored
+        file does not match the node's checksum (then nothing is written).
+    """
+    target = path / f'dm21-dataset-{node.pk}.npz' if path.is_dir() else path
+    if target.exists() and not overwrite:
+        raise click.ClickException(f'{target} exists: use --overwrite to replace it')
+    try:
+        node.export(target, overwrite=overwrite)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f'cannot write {target}: {exc}') from exc
+    return target

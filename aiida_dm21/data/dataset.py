@@ -6,6 +6,7 @@ Attributes (queryable): ``n_systems``, ``kinds`` (counts of integer / fc / fs), 
 
 from __future__ import annotations
 
+import os
 import pathlib
 import tempfile
 import typing as t
@@ -68,6 +69,36 @@ class DM21DatasetData(SinglefileData):
         if name in ATTRIBUTES:
             return self.base.attributes.get(name, None)
         raise AttributeError(name)
+
+    def export(  # type: ignore[override]
+        self, path: str | os.PathLike, fileformat: str | None = None, overwrite: bool = False, **kwargs: t.Any
+    ) -> list[str]:
+        """Write the dataset's ``.npz`` (byte-identical, what the training runner reads) to ``path``; ``[path]``.
+
+        The content is checked against the node's ``checksum`` before the file appears: a damaged repository
+        file raises ``ValueError`` and leaves nothing at ``path``.
+
+        :param fileformat: only ``'npz'`` (the default, whatever the extension of ``path``).
+        :param overwrite: replace an existing file.
+        """
+        return super().export(os.fspath(path), fileformat=fileformat or 'npz', overwrite=overwrite, **kwargs)
+
+    def _prepare_npz(self, main_file_name: str = '', **kwargs: t.Any) -> tuple[bytes, dict]:
+        """Exporter for :meth:`export` (``fileformat='npz'``): the stored bytes, once they match the checksum."""
+        content = self.get_content(mode='rb')
+        name = f'dm21.dataset<{self.pk if self.is_stored else "unstored"}>'
+        with tempfile.TemporaryDirectory(prefix='dm21-dataset-') as tmp:
+            path = pathlib.Path(tmp) / self.DEFAULT_FILENAME
+            path.write_bytes(content)
+            try:
+                _, meta = load_dataset(path)
+            except DatasetError as exc:
+                raise ValueError(f'{name} holds a damaged file: {exc}') from exc
+        if self.checksum and meta.get('checksum') != self.checksum:
+            raise ValueError(
+                f"{name}: the file's checksum {meta.get('checksum')} is not the node's {self.checksum}"
+            )
+        return content, {}
 
     def load_systems(self) -> list[TrainingSystem]:
         """The training systems, read back and checked against the checksum."""
