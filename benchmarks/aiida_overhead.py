@@ -14,7 +14,10 @@ dataset of the N integer systems.
 Printed: N, batch size, CalcJobs, wall time AiiDA, wall time plain, species/s through AiiDA, AiiDA
 processes (workchain, CalcJobs, calcfunction) per second, overhead % = (AiiDA - plain) / plain, and peak
 RSS of this process (the workchain, its parsers) and of the largest job process.  A throw-away SQLite
-profile (``verdi presto`` in a temporary AIIDA_PATH) is used unless ``--keep-profile`` names a folder.
+profile (``verdi presto`` in a temporary AIIDA_PATH) is used unless ``--keep-profile`` names a folder;
+``--storage psql`` makes a throw-away ``core.psql_dos`` profile instead, in a new database of the PostgreSQL
+server at 127.0.0.1:5432 (user ``postgres``, trust authentication, as on this project's machines), dropped at
+the end: the same work with PostgreSQL's commits instead of SQLite's.
 """
 
 from __future__ import annotations
@@ -37,15 +40,28 @@ SPECIES_CYCLE = (
     ('Li+', 'Li 0 0 0', 1, 1),
     ('Li2+', 'Li 0 0 0', 2, 2),
 )
+#: ``--species ten-electron``: closed-shell ten-electron ions and Ne, CCSD(T)/cc-pVTZ, 0.4-1.4 s of PySCF each: real
+#: reference calculations, where the cost per species is what makes AiiDA's fixed cost per species small or not
+TEN_ELECTRON_CYCLE = (
+    ('Ne', 'Ne 0 0 0', 0, 1),
+    ('F-', 'F 0 0 0', -1, 1),
+    ('Na+', 'Na 0 0 0', 1, 1),
+    ('Mg2+', 'Mg 0 0 0', 2, 1),
+)
+#: ``--species``: (species cycle, basis, reference method)
+SPECIES_SETS = {
+    'tiny': (SPECIES_CYCLE, '6-31g', 'fci'),
+    'ten-electron': (TEN_ELECTRON_CYCLE, 'cc-pvtz', 'ccsd(t)'),
+}
 BASIS = '6-31g'
 METHOD = 'fci'
 
 
-def species(n: int) -> list[dict]:
-    """``n`` species ``{label, atom, charge, multiplicity}`` cycling through :data:`SPECIES_CYCLE`."""
+def species(n: int, cycle: tuple = SPECIES_CYCLE) -> list[dict]:
+    """``n`` species ``{label, atom, charge, multiplicity}`` cycling through ``cycle`` (:data:`SPECIES_CYCLE`)."""
     out = []
     for i in range(n):
-        stem, atom, charge, multiplicity = SPECIES_CYCLE[i % len(SPECIES_CYCLE)]
+        stem, atom, charge, multiplicity = cycle[i % len(cycle)]
         out.append({'label': f'{stem}_{i}', 'atom': atom, 'charge': charge, 'multiplicity': multiplicity})
     return out
 
@@ -65,10 +81,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument('--max-concurrent', type=_positive, default=None, help='CalcJobs in flight (default: all)')
     parser.add_argument('--keep-profile', type=Path, default=None, help='AIIDA_PATH folder to use and keep')
+    parser.add_argument(
+        '--species',
+        choices=tuple(SPECIES_SETS),
+        default='tiny',
+        help='tiny: H..Li2+ (<= 2 electrons), FCI/6-31G, ~20-40 ms each (default); ten-electron: Ne, F-, Na+, '
+        'Mg2+, CCSD(T)/cc-pVTZ, 0.4-1.4 s each',
+    )
+    parser.add_argument(
+        '--storage',
+        choices=('sqlite', 'psql'),
+        default='sqlite',
+        help='profile storage: sqlite (verdi presto, default) or psql (core.psql_dos, PostgreSQL at 127.0.0.1)',
+    )
     return parser.parse_args(argv)
 
 
-def plain_loop(items: list[dict]) -> float:
+def plain_loop(items: list[dict], basis: str = BASIS, method: str = METHOD) -> float:
     """The same PySCF work, in this process, one species after the other (after one untimed warm-up species);
     returns the wall time."""
     from aiida_dm21.runner.reference import compute
@@ -80,11 +109,11 @@ def plain_loop(items: list[dict]) -> float:
             {
                 'symbols': symbols,
                 'positions': positions,
-                'basis': BASIS,
+                'basis': basis,
                 'charge': item['charge'],
                 'spin': item['multiplicity'] - 1,
                 'density_method': 'hf',
-                'reference_method': METHOD,
+                'reference_method': method,
                 'label': item['label'],
             }
         )
@@ -97,7 +126,9 @@ def plain_loop(items: list[dict]) -> float:
         return time.perf_counter() - start
 
 
-def through_aiida(items: list[dict], batch_size: int, max_concurrent: int | None) -> tuple[float, int, int]:
+def through_aiida(
+    items: list[dict], batch_size: int, max_concurrent: int | None, basis: str = BASIS, method: str = METHOD
+) -> tuple[float, int, int]:
     """The workchain on ``items``; returns (wall time, CalcJobs, processes)."""
     from aiida import orm
     from aiida.engine import run_get_node
@@ -109,8 +140,8 @@ def through_aiida(items: list[dict], batch_size: int, max_concurrent: int | None
         'code': ensure_code(),
         'species': orm.List(items),
         'fractional': orm.Dict({'integer': [item['label'] for item in items]}),
-        'reference_method': orm.Str(METHOD),
-        'basis': orm.Str(BASIS),
+        'reference_method': orm.Str(method),
+        'basis': orm.Str(basis),
         'batch_size': orm.Int(batch_size),
     }
     if max_concurrent is not None:
@@ -124,19 +155,62 @@ def through_aiida(items: list[dict], batch_size: int, max_concurrent: int | None
     return wall, len(jobs), len(node.called) + 1
 
 
+PG = {'host': '127.0.0.1', 'port': 5432, 'user': 'postgres'}
+
+
+@contextlib.contextmanager
+def psql_profile(root: Path):
+    """A ``core.psql_dos`` profile (no broker: the workchain runs in this process) in a new database; the
+    database is dropped on leaving."""
+    import subprocess
+    import uuid
+
+    import psycopg
+
+    name = f'dm21_overhead_{uuid.uuid4().hex[:10]}'
+    connect = f'host={PG["host"]} port={PG["port"]} user={PG["user"]} dbname=postgres'
+    with psycopg.connect(connect, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE {name}')
+    try:
+        command = [sys.executable, '-m', 'aiida', 'profile', 'setup', 'core.psql_dos', '--non-interactive']
+        command += ['--profile-name', name, '--set-as-default', '--email', 'bench@dm21', '--first-name', 'DM21']
+        command += ['--last-name', 'Bench', '--institution', 'aiida-dm21', '--broker', 'none']
+        command += ['--database-hostname', PG['host'], '--database-port', str(PG['port'])]
+        command += ['--database-username', PG['user'], '--database-password', '', '--database-name', name]
+        command += ['--repository-uri', (root / 'repository').as_uri()]
+        done = subprocess.run(command, capture_output=True, text=True, env=os.environ, timeout=300)
+        if done.returncode != 0:
+            raise SystemExit(f'verdi profile setup core.psql_dos failed:\n{done.stdout}{done.stderr}')
+        # as `verdi presto` does for the SQLite profile: poll the jobs every second, not AiiDA's default 60 s
+        command = [sys.executable, '-m', 'aiida', '-p', name, 'config', 'set', 'runner.poll.interval', '1']
+        subprocess.run(command, capture_output=True, text=True, env=os.environ, timeout=120, check=True)
+        yield name
+    finally:
+        with contextlib.suppress(Exception):
+            from aiida.manage import get_manager
+
+            get_manager().get_profile_storage().close()  # the database cannot be dropped while connected
+        with psycopg.connect(connect, autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)')
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault('OMP_NUM_THREADS', '1')  # the same single thread in the loop and in every job
-    with tempfile.TemporaryDirectory(prefix='dm21-overhead-') as tmp:
+    with tempfile.TemporaryDirectory(prefix='dm21-overhead-') as tmp, contextlib.ExitStack() as stack:
         os.environ['AIIDA_PATH'] = str(args.keep_profile or tmp)
         from aiida_dm21.cli.aiida_support import load_profile
 
-        load_profile(create=True)
-        items = species(args.n)
-        plain = plain_loop(items)
+        if args.storage == 'psql':
+            load_profile(stack.enter_context(psql_profile(Path(os.environ['AIIDA_PATH']))))
+        else:
+            load_profile(create=True)
+        cycle, basis, method = SPECIES_SETS[args.species]
+        items = species(args.n, cycle)
+        plain = plain_loop(items, basis, method)
         rows = []
         for batch_size in args.batch_size:
-            wall, n_jobs, n_processes = through_aiida(items, batch_size, args.max_concurrent)
+            wall, n_jobs, n_processes = through_aiida(items, batch_size, args.max_concurrent, basis, method)
             own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
             rows.append(
@@ -144,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f'batch size {batch_size}: {wall:.1f} s through AiiDA, {plain:.1f} s plain', file=sys.stderr)
     concurrent = args.max_concurrent or 'all'
-    print(f'\nN species, FCI/{BASIS}, max_concurrent={concurrent}, OMP_NUM_THREADS={os.environ["OMP_NUM_THREADS"]}')
+    print(
+        f'\nN species ({args.species}), {method.upper()}/{basis}, max_concurrent={concurrent}, '
+        f'OMP_NUM_THREADS={os.environ["OMP_NUM_THREADS"]}, storage {args.storage}'
+    )
     header = (
         '| N | batch size | CalcJobs | wall AiiDA (s) | wall plain (s) | species/s AiiDA | processes/s | '
         'overhead % | peak RSS workchain (MiB) | peak RSS job (MiB) |'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,29 @@ def test_aiida_overhead_smoke(tmp_path):
     rows = [line for line in result.stdout.splitlines() if line.startswith('| 3 |')]
     assert [row.split('|')[2].strip() for row in rows] == ['1', '3']
     assert [row.split('|')[3].strip() for row in rows] == ['3', '1']  # CalcJobs
+
+
+@pytest.mark.slow
+def test_aiida_overhead_on_postgresql_with_ten_electron_species(tmp_path):
+    """``--storage psql`` (a throw-away core.psql_dos profile in a new database, dropped afterwards) and
+    ``--species ten-electron`` (CCSD(T)/cc-pVTZ): two species in one batch."""
+    pytest.importorskip('aiida.engine')
+    psycopg = pytest.importorskip('psycopg')
+    connect = 'host=127.0.0.1 port=5432 user=postgres dbname=postgres'
+    try:
+        with psycopg.connect(connect, connect_timeout=5) as connection:
+            before = {row[0] for row in connection.execute('SELECT datname FROM pg_database')}
+    except psycopg.OperationalError as exc:
+        if os.environ.get('AIIDA_DM21_REQUIRE_SERVICES'):
+            raise
+        pytest.skip(f'no PostgreSQL at 127.0.0.1:5432: {exc}')
+    command = [sys.executable, str(OVERHEAD), '--n', '2', '--batch-size', '2', '--storage', 'psql']
+    command += ['--species', 'ten-electron', '--keep-profile', str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'CCSD(T)/cc-pvtz' in result.stdout and 'storage psql' in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith('| 2 |')]
+    assert len(rows) == 1 and rows[0].split('|')[3].strip() == '1'  # one CalcJob
+    with psycopg.connect(connect) as connection:
+        after = {row[0] for row in connection.execute('SELECT datname FROM pg_database')}
+    assert after == before  # the benchmark's database is gone
