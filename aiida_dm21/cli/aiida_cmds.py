@@ -165,19 +165,29 @@ def checkpoint_details(node: DM21CheckpointData) -> Table:
     return node_details(node, f'dm21.checkpoint<{node.pk}>')
 
 
-def export_checkpoint(node: DM21CheckpointData, path: Path, overwrite: bool = False) -> Path:
-    """Write the node's ``.safetensors`` file (byte-identical) to ``path``; a folder gets the node's file name.
+def export_node_file(node, path: Path, overwrite: bool = False, name: str | None = None) -> Path:
+    """Write the file of a single-file node (checkpoint, dataset) through its ``export`` to ``path``; a folder gets
+    ``name`` (default: the node's file name).  Returns the file written.
 
-    :raises click.ClickException: the file exists and ``overwrite`` is false, or it cannot be written.
+    :raises click.ClickException: the file exists and ``overwrite`` is false, it cannot be written, or the node's
+        exporter refuses its content (``ValueError``; then nothing is written).
     """
-    target = path / node.filename if path.is_dir() else path
+    target = path / (name or node.filename) if path.is_dir() else path
     if target.exists() and not overwrite:
         raise click.ClickException(f'{target} exists: use --overwrite to replace it')
     try:
         node.export(target, overwrite=overwrite)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise click.ClickException(f'cannot write {target}: {exc}') from exc
     return target
+
+
+def export_checkpoint(node: DM21CheckpointData, path: Path, overwrite: bool = False) -> Path:
+    """Write the node's ``.safetensors`` file (byte-identical) to ``path``; a folder gets the node's file name.
+
+    :raises click.ClickException: see :func:`export_node_file`.
+    """
+    return export_node_file(node, path, overwrite)
 
 
 @checkpoint.command('list')

@@ -17,7 +17,14 @@ from aiida.cmdline.commands.cmd_data import verdi_data
 from aiida.cmdline.params import arguments, types
 from aiida.cmdline.utils import decorators, echo
 
-from .aiida_cmds import checkpoint_details, checkpoint_table, export_checkpoint, node_details, stored_checkpoints
+from .aiida_cmds import (
+    checkpoint_details,
+    checkpoint_table,
+    export_checkpoint,
+    export_node_file,
+    node_details,
+    stored_checkpoints,
+)
 
 if t.TYPE_CHECKING:
     from rich.table import Table
@@ -35,6 +42,16 @@ __all__ = (
 
 CHECKPOINT = arguments.DATUM(type=types.DataParamType(sub_classes=('aiida.data:dm21.checkpoint',)))
 DATASET = arguments.DATUM(type=types.DataParamType(sub_classes=('aiida.data:dm21.dataset',)))
+
+
+def _export(write: t.Callable[[], Path], details: str) -> None:
+    """Run an export, reporting the file written (with ``details``) or the reason as verdi does."""
+    try:
+        target = write()
+    except click.ClickException as exc:
+        echo.echo_critical(exc.message)
+    else:
+        echo.echo_success(f'wrote {target}{details}')
 
 
 def _print(renderable) -> None:
@@ -68,19 +85,22 @@ def checkpoint_data_show(datum) -> None:
     _print(checkpoint_details(datum))
 
 
-@checkpoint_data.command('export')
-@CHECKPOINT
-@click.argument('path', type=click.Path(path_type=Path))
-@click.option('--overwrite', is_flag=True, help='Replace an existing file.')
-@decorators.with_dbenv()
+def _export_command(group: click.Group, datum: t.Callable):
+    """``group``'s ``export`` command: the node argument ``datum``, ``PATH`` and ``--overwrite``, with the profile."""
+
+    def decorate(func: t.Callable) -> click.Command:
+        func = decorators.with_dbenv()(func)
+        func = click.option('--overwrite', is_flag=True, help='Replace an existing file.')(func)
+        func = click.argument('path', type=click.Path(path_type=Path))(func)
+        return group.command('export')(datum(func))
+
+    return decorate
+
+
+@_export_command(checkpoint_data, CHECKPOINT)
 def checkpoint_data_export(datum, path: Path, overwrite: bool) -> None:
     """Write the .safetensors file of a dm21.checkpoint node to PATH (a file or a folder)."""
-    try:
-        target = export_checkpoint(datum, path, overwrite)
-    except click.ClickException as exc:
-        echo.echo_critical(exc.message)
-    else:
-        echo.echo_success(f'wrote {target}')
+    _export(lambda: export_checkpoint(datum, path, overwrite), '')
 
 
 # --- dm21.dataset -------------------------------------------------------------------------------------------------
@@ -178,33 +198,20 @@ def dataset_data_show(datum) -> None:
     _print(dataset_details(datum))
 
 
-@dataset_data.command('export')
-@DATASET
-@click.argument('path', type=click.Path(path_type=Path))
-@click.option('--overwrite', is_flag=True, help='Replace an existing file.')
-@decorators.with_dbenv()
+@_export_command(dataset_data, DATASET)
 def dataset_data_export(datum, path: Path, overwrite: bool) -> None:
     """Write the .npz of a dm21.dataset node to PATH (a file, or a folder: dm21-dataset-PK.npz in it), checked
     against its checksum; the training runner (``python -m aiida_dm21.training.train``) reads it as it is."""
-    try:
-        target = export_dataset(datum, path, overwrite)
-    except click.ClickException as exc:
-        echo.echo_critical(exc.message)
-    else:
-        echo.echo_success(f'wrote {target} ({datum.n_systems} systems, checksum {(datum.checksum or "")[:12]})')
+    _export(
+        lambda: export_dataset(datum, path, overwrite),
+        f' ({datum.n_systems} systems, checksum {(datum.checksum or "")[:12]})',
+    )
 
 
 def export_dataset(node: DM21DatasetData, path: Path, overwrite: bool = False) -> Path:
     """Write the node's ``.npz`` to ``path`` (a folder gets ``dm21-dataset-<pk>.npz``); the file written.
 
-    :raises click.ClickException: the file exists and ``overwrite`` is false, it cannot be written, or the stored
+    :raises click.ClickException: see :func:`~aiida_dm21.cli.aiida_cmds.export_node_file`; also when the stored
         file does not match the node's checksum (then nothing is written).
     """
-    target = path / f'dm21-dataset-{node.pk}.npz' if path.is_dir() else path
-    if target.exists() and not overwrite:
-        raise click.ClickException(f'{target} exists: use --overwrite to replace it')
-    try:
-        node.export(target, overwrite=overwrite)
-    except (OSError, ValueError) as exc:
-        raise click.ClickException(f'cannot write {target}: {exc}') from exc
-    return target
+    return export_node_file(node, path, overwrite, name=f'dm21-dataset-{node.pk}.npz')

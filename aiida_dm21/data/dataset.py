@@ -95,9 +95,7 @@ class DM21DatasetData(SinglefileData):
             except DatasetError as exc:
                 raise ValueError(f'{name} holds a damaged file: {exc}') from exc
         if self.checksum and meta.get('checksum') != self.checksum:
-            raise ValueError(
-                f"{name}: the file's checksum {meta.get('checksum')} is not the node's {self.checksum}"
-            )
+            raise ValueError(f"{name}: the file's checksum {meta.get('checksum')} is not the node's {self.checksum}")
         return content, {}
 
     def load_systems(self) -> list[TrainingSystem]:
