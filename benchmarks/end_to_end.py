@@ -436,7 +436,8 @@ def print_report(summary: dict, metrics: dict, history: dict) -> None:
     fa = after.get('scf', {}).get('fractional_charge', {})
     print(
         f'held-out {fb.get("label")} max |E(N+δ) - linear| {_num(fb.get("max_abs_deviation_mha"))} -> '
-        f'{_num(fa.get("max_abs_deviation_mha"))} mHa'
+        f'{_num(fa.get("max_abs_deviation_mha"))} mHa (converged points {sum(fb.get("converged", []))} -> '
+        f'{sum(fa.get("converged", []))} of {len(fa.get("converged", []))})'
     )
     print('\n== lineage ==')
     print(
