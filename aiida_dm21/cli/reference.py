@@ -80,7 +80,8 @@ def launch(
 ) -> None:
     """Run a dm21.reference_data workchain on the built-in species set SET_NAME and build its dm21.dataset.
 
-    Sets: demo_train (H, He; FCI), demo_heldout (Li; FCI), light, dm21_like."""
+    Sets: demo_train (H, He; FCI), demo_heldout (Li; FCI), light, dm21_like,
+    light_train (light's H..N, H2, LiH), light_heldout (light's O, F)."""
     from aiida import orm
 
     from ..workflows.reference_data import ReferenceDataWorkChain
