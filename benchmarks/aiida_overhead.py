@@ -48,13 +48,13 @@ TEN_ELECTRON_CYCLE = (
     ('Na+', 'Na 0 0 0', 1, 1),
     ('Mg2+', 'Mg 0 0 0', 2, 1),
 )
-#: ``--species``: (species cycle, basis, reference method)
-SPECIES_SETS = {
-    'tiny': (SPECIES_CYCLE, '6-31g', 'fci'),
-    'ten-electron': (TEN_ELECTRON_CYCLE, 'cc-pvtz', 'ccsd(t)'),
-}
 BASIS = '6-31g'
 METHOD = 'fci'
+#: ``--species``: (species cycle, basis, reference method)
+SPECIES_SETS = {
+    'tiny': (SPECIES_CYCLE, BASIS, METHOD),
+    'ten-electron': (TEN_ELECTRON_CYCLE, 'cc-pvtz', 'ccsd(t)'),
+}
 
 
 def species(n: int, cycle: tuple = SPECIES_CYCLE) -> list[dict]:

@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     code = ensure_code()
     weights = weights_dir() / 'DM21m.safetensors'
     if not weights.is_file():
-        print(f'DM21m is not installed ({weights}): `aiida-dm21 fetch DM21m` first', file=sys.stderr)
+        print(f'DM21m is not installed ({weights}): `aiida-dm21 weights fetch DM21m` first', file=sys.stderr)
         return 1
     initial = DM21CheckpointData.get_or_create(weights)
     workdir = code.computer.get_workdir()

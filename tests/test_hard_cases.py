@@ -154,7 +154,7 @@ def test_smearing_refusals(checkpoint, tmp_path):
         ({'smearing': -0.01}, '`smearing` must be >= 0.0'),
         ({'smearing': float('nan')}, '`smearing` must be finite'),
         ({'smearing': 'hot'}, '`smearing` must be a number'),
-        ({'smearing': 0.02, 'newton': True}, 'smearing and newton cannot be combined'),
+        ({'smearing': 0.02, 'newton': True}, '`smearing` and `newton` cannot be combined'),
         ({'smearing': 0.02, 'relax': {}}, '`smearing` with `relax`'),
     ]:
         workdir = tmp_path / str(len(list(tmp_path.iterdir())))

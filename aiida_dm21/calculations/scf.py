@@ -33,8 +33,8 @@ from aiida_dm21.runner.scf import (
     RESULTS_FILE,
     SCF_TYPES,
     basis_ecp,
+    check_combinations,
     check_geometry,
-    check_init_guess,
     check_occupations,
 )
 
@@ -218,12 +218,10 @@ def validate_parameters(value: orm.Dict | t.Mapping[str, t.Any], _: t.Any = None
         if key in data or spec.required
     ]
     problems = [p for p in problems if p]
-    if not problems and data.get('newton') and data.get('smearing'):
-        problems.append('`smearing` and `newton` cannot be combined: the second-order solver needs integer occupations')
-    if not problems:
-        guess = check_init_guess(data.get('init_guess'), data.get('scf_type') or 'auto', data.get('multiplicity') or 1)
-        if guess:
-            problems.append(guess)
+    if not problems:  # each is valid: may they go together?
+        combination = check_combinations(data)
+        if combination:
+            problems.append(combination)
     return '; '.join(problems) if problems else None
 
 

@@ -87,21 +87,23 @@ class DM21DatasetData(SinglefileData):
         """Exporter for :meth:`export` (``fileformat='npz'``): the stored bytes, once they match the checksum."""
         content = self.get_content(mode='rb')
         name = f'dm21.dataset<{self.pk if self.is_stored else "unstored"}>'
-        with tempfile.TemporaryDirectory(prefix='dm21-dataset-') as tmp:
-            path = pathlib.Path(tmp) / self.DEFAULT_FILENAME
-            path.write_bytes(content)
-            try:
-                _, meta = load_dataset(path)
-            except DatasetError as exc:
-                raise ValueError(f'{name} holds a damaged file: {exc}') from exc
+        try:
+            _, meta = _load_content(content)
+        except DatasetError as exc:
+            raise ValueError(f'{name} holds a damaged file: {exc}') from exc
         if self.checksum and meta.get('checksum') != self.checksum:
             raise ValueError(f"{name}: the file's checksum {meta.get('checksum')} is not the node's {self.checksum}")
         return content, {}
 
     def load_systems(self) -> list[TrainingSystem]:
         """The training systems, read back and checked against the checksum."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = pathlib.Path(tmp) / 'dataset.npz'
-            with self.open(mode='rb') as source:
-                path.write_bytes(source.read())
-            return load_dataset(path)[0]
+        return _load_content(self.get_content(mode='rb'))[0]
+
+
+def _load_content(content: bytes) -> tuple[list[TrainingSystem], dict]:
+    """:func:`~aiida_dm21.reference.dataset.load_dataset` of a dataset file's bytes (through a temporary file: it
+    reads a path)."""
+    with tempfile.TemporaryDirectory(prefix='dm21-dataset-') as tmp:
+        path = pathlib.Path(tmp) / DM21DatasetData.DEFAULT_FILENAME
+        path.write_bytes(content)
+        return load_dataset(path)

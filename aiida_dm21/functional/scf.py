@@ -117,7 +117,7 @@ def b3lyp_broken_symmetry_guess(mf) -> np.ndarray:
     molecule near equilibrium: the ordinary B3LYP guess).  Only for UKS (``ValueError`` otherwise): RKS and ROKS
     have one set of spatial orbitals.  ``mf.guess_info`` records the rounds, energies and ⟨S²⟩.
     """
-    if not isinstance(mf, pyscf_uks.UKS) or isinstance(mf, pyscf_roks.ROKS):
+    if not isinstance(mf, pyscf_uks.UKS):  # PySCF's ROKS is not a UKS
         raise ValueError(
             'init_guess b3lyp_broken_symmetry needs an unrestricted SCF (UKS): a restricted one has one set of '
             'spatial orbitals for both spins'

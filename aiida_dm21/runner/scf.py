@@ -58,7 +58,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,14 @@ def check_init_guess(init_guess: str | None, scf_type: str, multiplicity: int) -
     )
 
 
+def check_combinations(data: Mapping[str, Any]) -> str | None:
+    """Why parameters that are each valid cannot go together (``None`` if they can): ``smearing`` with ``newton``,
+    and :func:`check_init_guess`.  Shared by the runner and the ``dm21.scf`` CalcJob's validation."""
+    if data.get('newton') and data.get('smearing'):
+        return '`smearing` and `newton` cannot be combined: the second-order solver needs integer occupations'
+    return check_init_guess(data.get('init_guess'), data.get('scf_type') or 'auto', data.get('multiplicity') or 1)
+
+
 AU2EV = 27.211386245988  # CODATA 2018, as PySCF's nist.HARTREE2EV
 
 
@@ -185,7 +193,7 @@ def read_input(path: Path) -> dict[str, Any]:
         problem = _numeric_problem(data.get(key), kind, low, high, strict)
         if problem:
             raise RunnerError('unsupported_input', f'`{key}` {problem}, got {data[key]!r}')
-    problem = check_init_guess(guess, data['scf_type'], data['multiplicity'])
+    problem = check_combinations(data)
     if problem:
         raise RunnerError('unsupported_input', problem)
     relax = data.get('relax')
@@ -325,12 +333,7 @@ def make_scf(mol, data: dict[str, Any], checkpoint: Path):
         mf.diis_start_cycle = max(mf.diis_start_cycle, 4)
     if data.get('max_memory_mb'):
         mf.max_memory = float(data['max_memory_mb'])
-    if data.get('smearing'):
-        if data.get('newton'):
-            raise RunnerError(
-                'unsupported_input',
-                'smearing and newton cannot be combined: the second-order solver needs integer occupations',
-            )
+    if data.get('smearing'):  # never with newton: read_input refused that (check_combinations)
         from pyscf.scf import addons
 
         # fractional occupations f = 1 / (exp((e - mu) / sigma) + 1), mu fixed by the electron count (per spin in UKS)

@@ -357,8 +357,8 @@ class DM21ScfWorkChain(ProtocolMixin, BaseRestartWorkChain):
     def handle_scf_not_converged(self, node: orm.CalcJobNode) -> ProcessHandlerReport:
         """Not converged: restart from its density with twice the cycles, then also 2) a level shift, 3) the Newton
         solver; 4) from the initial guess with fractional occupations; 5) for a singlet run restricted by
-        ``scf_type`` ``auto``, unrestricted from the initial guess; not converged after that: abort, with the last
-        run's outputs attached.  A strategy already on (``newton``, ``smearing``, UKS) is skipped."""
+        ``scf_type`` ``auto``, unrestricted from the broken-symmetry B3LYP guess; not converged after that: abort,
+        with the last run's outputs attached.  A strategy already on (``newton``, ``smearing``, UKS) is skipped."""
         parameters = self.ctx.inputs.parameters
         while True:
             self.ctx.convergence_stage += 1
