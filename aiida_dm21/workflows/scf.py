@@ -55,8 +55,9 @@ _CODES = DM21ScfCalculation.exit_codes
 #: runner's ``damp`` would change nothing.
 LEVEL_SHIFT = 0.25
 #: The Fermi-Dirac smearing width (Ha) of the fractional-occupation strategy.  From the B3LYP guess it converged
-#: stretched H2 (3 Å, 6-31G, RKS) in 26-39 cycles in every try; 0.01 Ha diverged from that guess, and from the
-#: 0.02 Ha density converged only sometimes (DIIS with fractional occupations is fragile for DM21 there).
+#: stretched H2 (3 Å, 6-31G, RKS) in 26-39 cycles in every try here (once not in CI: docs/core.md); 0.01 Ha
+#: diverged from that guess, and from the 0.02 Ha density converged only sometimes (DIIS with fractional
+#: occupations is fragile for DM21 there).
 SMEARING = 0.02
 #: The initial guess of the unrestricted strategy: B3LYP with its spin symmetry broken where that lowers its
 #: energy (PySCF's stability analysis).  From the symmetric B3LYP guess stretched F2's DM21 UKS broke the symmetry
