@@ -3,7 +3,6 @@ V, Cr and Mn do not converge) either converges or ends as not converged with fin
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import shutil
@@ -95,7 +94,8 @@ def test_stretched_h2_converges_with_fractional_occupations(checkpoint, tmp_path
 
     Without it DIIS oscillates (σg² <-> σu²: neither integer occupation is self-consistent for DM21 here) and the
     Newton solver lands on a non-aufbau state 90 mHa higher (test below; docs/core.md).  Measured at level 2:
-    E = -1.00090 Ha, occupations 1.133 / 0.867, σg 0.0107 Ha below σu, 26-39 cycles.
+    E = -1.00090 Ha, occupations 1.133 / 0.867, σg 0.0107 Ha below σu, 11-18 cycles (the first three damped by
+    the runner's ``SMEARING_DAMP``; undamped 26-47, and once in CI not converged in 100).
     """
     # level 2: on level 1 the energy settles to 1e-6 Ha but then wanders by more (float32 network), past 70 cycles
     status, results = _run_h2(tmp_path, checkpoint, smearing=0.02, max_cycle=100, grid_level=2)
@@ -109,6 +109,25 @@ def test_stretched_h2_converges_with_fractional_occupations(checkpoint, tmp_path
     assert results['e_free'] == pytest.approx(results['e_tot'] - 0.02 * results['entropy'], abs=1e-10)
     assert results['aufbau'] is None and results['aufbau_violation'] is None  # not defined for fractional occupations
     assert 0.0 < results['homo_lumo_gap'] < 0.03  # σg and σu either side of the Fermi level, nearly degenerate
+
+
+def test_a_smeared_scf_is_damped_unless_damp_is_given(checkpoint, tmp_path):
+    """Smearing without ``damp``: the first 3 cycles damped by ``SMEARING_DAMP`` (DIIS from cycle 4); ``damp`` 0
+    turns that off, another value wins; without smearing nothing is damped."""
+    shutil.copy(checkpoint, tmp_path / 'model.safetensors')
+    base = {'symbols': ['H', 'H'], 'positions': [[0, 0, 0], [0, 0, 3.0]], 'basis': '6-31g'}
+    for parameters, damp in [
+        ({'smearing': 0.02}, runner.SMEARING_DAMP),
+        ({'smearing': 0.02, 'damp': 0.0}, 0.0),
+        ({'smearing': 0.02, 'damp': 0.7}, 0.7),
+        ({}, 0.0),
+        ({'damp': 0.3}, 0.3),
+    ]:
+        (tmp_path / 'input.json').write_text(json.dumps({**base, 'checkpoint': 'model.safetensors', **parameters}))
+        data = runner.read_input(tmp_path / 'input.json')
+        mf, _ = runner.make_scf(runner.build_molecule(data), data, tmp_path / 'model.safetensors')
+        assert mf.damp == damp, parameters
+        assert mf.diis_start_cycle == (4 if damp else 1), parameters
 
 
 @pytest.mark.slow
@@ -190,7 +209,9 @@ def test_broken_symmetry_guess_converges_stretched_f2(checkpoint, tmp_path):
     assert guess['init_guess'] == 'b3lyp_broken_symmetry' and guess['b3lyp_converged'] is True
     energies = guess['b3lyp_e_tot']
     assert len(energies) >= 2 and energies[0] - energies[1] > 0.05  # the first round broke the symmetry
-    assert all(later <= earlier + 1e-8 for earlier, later in itertools.pairwise(energies))
+    # The guess is the lowest state of the rounds: later rounds re-converge on a flat surface, within PySCF's
+    # tolerances up or down by ~1e-7 Ha (the path depends on the thread count; CI once saw a rise).
+    assert guess['b3lyp_e_guess'] == min(energies)
     assert guess['b3lyp_s2'] == pytest.approx(1.0, abs=0.1)
     assert results['s2'] == pytest.approx(1.0, abs=0.1)
     assert results['e_tot'] == pytest.approx(-199.3442, abs=5e-3)

@@ -165,8 +165,8 @@ PARAMETERS: dict[str, Parameter] = {
     'level_shift': Parameter((float, int), 0.0, 'virtual orbital level shift (Ha)', _at_least(0)),
     'damp': Parameter(
         (float, int),
-        0.0,
-        'Fock damping factor in [0, 1) for cycles 1-3 (DIIS then starts at 4)',
+        None,
+        'Fock damping factor in [0, 1) for cycles 1-3 (DIIS then starts at 4); unset: none, or 0.5 with smearing',
         _between(0, 1, high_open=True),
     ),
     'device': Parameter(
@@ -231,7 +231,8 @@ def resolve_parameters(value: orm.Dict | t.Mapping[str, t.Any]) -> dict[str, t.A
     resolved = {key: spec.default for key, spec in PARAMETERS.items()}
     resolved.update({key: val for key, val in data.items() if val is not None})
     for key in ('conv_tol', 'conv_tol_grad', 'level_shift', 'damp', 'screening', 'smearing'):
-        resolved[key] = float(resolved[key])
+        if resolved.get(key) is not None:  # damp: unset means 'the runner's choice' (none, or damped with smearing)
+            resolved[key] = float(resolved[key])
     return resolved
 
 

@@ -113,9 +113,10 @@ def b3lyp_broken_symmetry_guess(mf) -> np.ndarray:
     guess), even where a stretched bond wants them apart: a saddle point.  PySCF's internal stability analysis
     (``mf.stability()``, the UKS orbital Hessian) finds the direction down from it; B3LYP is converged again from
     there, at most :data:`BROKEN_SYMMETRY_ROUNDS` times, until it is stable or gains less than
-    :data:`BROKEN_SYMMETRY_TOLERANCE`.  A state that is stable at once is returned as it is (a closed-shell
-    molecule near equilibrium: the ordinary B3LYP guess).  Only for UKS (``ValueError`` otherwise): RKS and ROKS
-    have one set of spatial orbitals.  ``mf.guess_info`` records the rounds, energies and ⟨S²⟩.
+    :data:`BROKEN_SYMMETRY_TOLERANCE`; the lowest-energy state of the rounds is the guess.  A state that is
+    stable at once is returned as it is (a closed-shell molecule near equilibrium: the ordinary B3LYP guess).  Only
+    for UKS (``ValueError`` otherwise): RKS and ROKS have one set of spatial orbitals.  ``mf.guess_info`` records
+    the rounds' energies, the guess's energy (``b3lyp_e_guess``) and its ⟨S²⟩.
     """
     if not isinstance(mf, pyscf_uks.UKS):  # PySCF's ROKS is not a UKS
         raise ValueError(
@@ -125,6 +126,7 @@ def b3lyp_broken_symmetry_guess(mf) -> np.ndarray:
     guess = b3lyp_solver(mf)
     guess.kernel()
     energies = [float(guess.e_tot)]
+    best = (energies[0], guess.make_rdm1(), bool(guess.converged), float(guess.spin_square()[0]))
     stable = False
     for _ in range(BROKEN_SYMMETRY_ROUNDS):
         mo, _, stable, _ = guess.stability(return_status=True)
@@ -132,24 +134,30 @@ def b3lyp_broken_symmetry_guess(mf) -> np.ndarray:
             break
         guess.kernel(dm0=guess.make_rdm1(mo, guess.mo_occ))
         energies.append(float(guess.e_tot))
+        if energies[-1] < best[0]:
+            best = (energies[-1], guess.make_rdm1(), bool(guess.converged), float(guess.spin_square()[0]))
+        # A round that gains little (or loses: a flat surface near an instability re-converges within PySCF's
+        # tolerances, up or down by 1e-7 Ha, and the path depends on the thread count) ends the search.
         if energies[-2] - energies[-1] < BROKEN_SYMMETRY_TOLERANCE:
             break
-    s2 = float(guess.spin_square()[0])
+    e_guess, dm, converged, s2 = best
     mf.guess_info = {
         'init_guess': 'b3lyp_broken_symmetry',
         'b3lyp_e_tot': energies,
-        'b3lyp_converged': bool(guess.converged),
+        'b3lyp_e_guess': e_guess,
+        'b3lyp_converged': converged,
         'b3lyp_stable': bool(stable),
         'b3lyp_s2': s2,
     }
     logger.info(
         mf,
-        'B3LYP broken-symmetry guess: E = %s, <S^2> = %.4f, stable=%s',
+        'B3LYP broken-symmetry guess: E = %s; the lowest (%.10f, <S^2> = %.4f) is the guess; stable=%s',
         ', '.join(f'{e:.10f}' for e in energies),
+        e_guess,
         s2,
         stable,
     )
-    return guess.make_rdm1()
+    return dm
 
 
 class _DM21Mixin:

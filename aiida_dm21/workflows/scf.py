@@ -50,14 +50,12 @@ from aiida_dm21.workflows.protocols import ProtocolError, ProtocolMixin
 __all__ = ('DM21ScfWorkChain', 'ProtocolError')
 
 _CODES = DM21ScfCalculation.exit_codes
-#: The level shift (Ha) of the second convergence strategy (or twice the one already set, if larger).  Not
-#: damping: PySCF damps only in the cycles before DIIS starts (``diis_start_cycle``, 1 by default), so the
-#: runner's ``damp`` would change nothing.
+#: The level shift (Ha) of the second convergence strategy (or twice the one already set, if larger).
 LEVEL_SHIFT = 0.25
-#: The Fermi-Dirac smearing width (Ha) of the fractional-occupation strategy.  From the B3LYP guess it converged
-#: stretched H2 (3 Å, 6-31G, RKS) in 26-39 cycles in every try here (once not in CI: docs/core.md); 0.01 Ha
-#: diverged from that guess, and from the 0.02 Ha density converged only sometimes (DIIS with fractional
-#: occupations is fragile for DM21 there).
+#: The Fermi-Dirac smearing width (Ha) of the fractional-occupation strategy.  From the B3LYP guess, with the
+#: runner's default damping of a smeared SCF (``SMEARING_DAMP``), it converged stretched H2 (2.6-4.0 Å, 6-31G, RKS,
+#: level 2 and 3) in 8-22 cycles in every try (undamped: 26-47, and once not in CI: docs/core.md); 0.01 Ha
+#: diverged from that guess, and from the 0.02 Ha density converged only sometimes.
 SMEARING = 0.02
 #: The initial guess of the unrestricted strategy: B3LYP with its spin symmetry broken where that lowers its
 #: energy (PySCF's stability analysis).  From the symmetric B3LYP guess stretched F2's DM21 UKS broke the symmetry
