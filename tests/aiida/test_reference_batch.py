@@ -266,6 +266,33 @@ def test_workchain_retry_recovers_a_species_that_failed_once(failing_code):
     assert [reference_labels(r) for r in lineage.references if r.pk == retry.pk] == [['H']]
 
 
+def test_a_workchain_checkpointed_before_arrays_pk_finds_the_same_arrays(failing_code, monkeypatch):
+    """A workchain checkpointed by an older version has no ``arrays_pk`` in its context: ``_arrays_of`` then
+    finds each species' ``output_arrays`` from its job (a batch's ``species`` namespace, a retry's own output),
+    the same nodes as through the recorded pks."""
+    from aiida_dm21.workflows.reference_data import ReferenceDataWorkChain
+
+    original = ReferenceDataWorkChain._arrays_of
+    found = {}
+
+    def without_pks(self, labels):
+        found['recorded'] = {label: node.pk for label, node in original(self, labels).items()}
+        assert set(self.ctx.arrays_pk) == set(labels)  # the new path had every pk: the fallback below is all
+        self.ctx.arrays_pk = {}
+        found['fallback'] = {label: node.pk for label, node in original(self, labels).items()}
+        return original(self, labels)
+
+    monkeypatch.setattr(ReferenceDataWorkChain, '_arrays_of', without_pks)
+    code, _ = failing_code({'H': 1})  # H from a lone retry, H+ and He+ from the batch
+    results, node = _reference_data(code, batch_size=orm.Int(3))
+    assert node.is_finished_ok, node.exit_message
+    assert found['fallback'] == found['recorded'] and set(found['recorded']) == {'H+', 'H', 'He+'}
+    batch, retry = _jobs(node)
+    assert found['fallback']['H'] == retry.outputs.output_arrays.pk
+    assert found['fallback']['He+'] == batch.outputs.species.He_plus.output_arrays.pk
+    assert results['dataset'].n_systems == 2
+
+
 def test_no_retries(failing_code):
     code, attempts = failing_code({'H': 99, 'He+': 99})
     _, node = _reference_data(code, batch_size=orm.Int(3), max_retries=orm.Int(0))
