@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--grid-level', type=int, default=None, help='training = SCF grid (default 2; quick 1)')
     parser.add_argument('--epochs', type=int, default=None, help='at most this many epochs (default 6; quick 2)')
     parser.add_argument('--learning-rate', type=float, default=1e-4)
+    parser.add_argument(
+        '--regulariser-weight', type=float, default=1.0, help='λ of the self-consistency regulariser (default 1)'
+    )
     parser.add_argument('--batch-size', type=int, default=None, help='systems per step (default 8; quick 4)')
     parser.add_argument('--patience', type=int, default=None, help='early stopping (default 2; quick 1)')
     parser.add_argument('--validation-fraction', type=float, default=None, help='default 0.1; quick 0.2')
@@ -168,6 +171,7 @@ def training_parameters(args, e_ref: dict[str, float]) -> dict:
         'name': 'dm21m-light' + ('-quick' if args.quick else ''),
         'epochs': args.epochs,
         'learning_rate': args.learning_rate,
+        'regulariser_weight': args.regulariser_weight,
         'batch_size': args.batch_size,
         'lr_schedule': 'cosine',
         'warmup_epochs': 1,
