@@ -8,7 +8,9 @@ its stdout::
     python backend_driver.py wait --pk PK [--timeout 90]          # -> state, exit status, outputs, e_tot ...
     python backend_driver.py inspect-import --uuid UUID           # -> links, checkpoint attributes, re-run energy
     python backend_driver.py slurm-computer --label L --transport core.local|core.ssh --workdir W --pythonpath P
+    python backend_driver.py slurm-code --computer L --label C --executable X --pythonpath P  # another code there
     python backend_driver.py slurm-scf --computer L --checkpoint F --options JSON [--wait T]   # dm21.scf workchain
+        [--code C] [--molecule h2|lih] [--parameters JSON] [--walltime-factor F]
     python backend_driver.py slurm-dry-run --computer L --checkpoint F --options JSON --parameters JSON
     python backend_driver.py slurm-reference --computer L --options JSON [--wait T]  # dm21.reference_data, H+ and H
     python backend_driver.py slurm-train --computer L --dataset PK --checkpoint F --options JSON [--wait T]
@@ -23,8 +25,9 @@ an ``InstalledCode`` ``dm21-python`` whose executable is this Python), stores th
 The ``slurm-*`` commands (``test_slurm.py``) make a ``core.slurm`` computer (``core.local`` transport on
 ``localhost`` or ``core.ssh`` to ``127.0.0.1``) with a code ``dm21-python@LABEL`` whose ``prepend_text`` puts
 ``--pythonpath`` (the repository under test) first on ``PYTHONPATH``, submit workchains there and report each
-CalcJob's scheduler job id, its retrieved scheduler stdout and the ``_aiidasubmit.sh`` read back from the remote
-working directory through the computer's own transport.
+CalcJob's scheduler job id, its retrieved scheduler stdout and stderr and the ``_aiidasubmit.sh`` read back from
+the remote working directory through the computer's own transport.  ``slurm-code`` adds a code with another
+executable (a wrapper script of the tests) and the same ``prepend_text``.
 
 ``restart-chain``, ``watch`` and ``chain-summary`` (``test_daemon_restarts.py``) submit a ``dm21.scf`` workchain
 that needs four CalcJobs in sequence, wait for a moment of it (its N-th CalcJob created, or with its job at the
@@ -274,15 +277,7 @@ def slurm_computer(args) -> dict:
         else:
             computer.configure(safe_interval=0)
     computer.set_minimum_job_poll_interval(0.5)
-    try:
-        code = orm.load_code(f'dm21-python@{args.label}')
-    except NotExistent:
-        code = orm.InstalledCode(
-            label='dm21-python',
-            computer=computer,
-            filepath_executable=sys.executable,
-            prepend_text=f'export PYTHONPATH={args.pythonpath}${{PYTHONPATH:+:$PYTHONPATH}}\nexport OMP_NUM_THREADS=1',
-        ).store()
+    code = _slurm_code(computer, 'dm21-python', sys.executable, args.pythonpath)
     with computer.get_transport() as transport:  # the transport works and sees Slurm there
         rc, stdout, stderr = transport.exec_command_wait('sinfo -h -o "%P %t"')
     return {
@@ -294,11 +289,40 @@ def slurm_computer(args) -> dict:
     }
 
 
+def _slurm_code(computer, label: str, executable: str, pythonpath: str):
+    """The code ``label@computer`` (made once): ``executable``, with ``pythonpath`` first on ``PYTHONPATH``."""
+    from aiida import orm
+    from aiida.common.exceptions import NotExistent
+
+    try:
+        return orm.load_code(f'{label}@{computer.label}')
+    except NotExistent:
+        return orm.InstalledCode(
+            label=label,
+            computer=computer,
+            filepath_executable=executable,
+            prepend_text=f'export PYTHONPATH={pythonpath}${{PYTHONPATH:+:$PYTHONPATH}}\nexport OMP_NUM_THREADS=1',
+        ).store()
+
+
+def slurm_code(args) -> dict:
+    """The code ``args.label`` on the ``core.slurm`` computer ``args.computer``, running ``args.executable``."""
+    _load()
+    from aiida import orm
+
+    code = _slurm_code(orm.load_computer(args.computer), args.label, args.executable, args.pythonpath)
+    return {'code': code.full_label, 'executable': str(code.filepath_executable)}
+
+
 def _h2():
+    return _molecule(H2)
+
+
+def _molecule(atoms):
     from aiida import orm
 
     structure = orm.StructureData(pbc=(False, False, False))
-    for symbol, position in H2:
+    for symbol, position in atoms:
         structure.append_atom(symbols=symbol, position=position)
     return structure
 
@@ -316,18 +340,27 @@ def _calcjobs(node) -> list:
             'process_type': calc.process_type,
             'exit_status': calc.exit_status,
             'computer': calc.computer.label,
+            'exit_message': calc.exit_message,
             'job_id': calc.get_job_id(),
+            'max_wallclock_seconds': calc.get_option('max_wallclock_seconds'),
             'scheduler_stdout': None,
+            'scheduler_stderr': None,
             'submit_script': None,
             'remote_path': None,
+            # dm21.scf: which density it started from, which it left, what it reported
+            'restart_density': calc.inputs.restart_density.uuid if 'restart_density' in calc.inputs else None,
+            'output_density': calc.outputs.output_density.uuid if 'output_density' in calc.outputs else None,
+            'output_parameters': None,
         }
-        if (
-            'retrieved' in calc.outputs
-            and '_scheduler-stdout.txt' in calc.outputs.retrieved.base.repository.list_object_names()
-        ):
-            entry['scheduler_stdout'] = calc.outputs.retrieved.base.repository.get_object_content(
-                '_scheduler-stdout.txt'
-            )
+        if 'output_parameters' in calc.outputs:
+            parameters = calc.outputs.output_parameters.get_dict()
+            keys = ('e_tot', 'converged', 'cycles', 'restarted', 'error', 'exit_status')
+            entry['output_parameters'] = {key: parameters.get(key) for key in keys}
+        retrieved = calc.outputs.retrieved if 'retrieved' in calc.outputs else None
+        names = retrieved.base.repository.list_object_names() if retrieved is not None else []
+        for key, name in (('scheduler_stdout', '_scheduler-stdout.txt'), ('scheduler_stderr', '_scheduler-stderr.txt')):
+            if name in names:
+                entry[key] = retrieved.base.repository.get_object_content(name)
         if 'remote_folder' in calc.outputs:
             remote = calc.outputs.remote_folder
             entry['remote_path'] = remote.get_remote_path()
@@ -346,22 +379,32 @@ def _submit_and_report(builder, args) -> dict:
     result = {'pk': node.pk, 'uuid': node.uuid}
     if args.wait is not None:
         result.update(_wait(node.pk, args.wait))
-        result['calcjobs'] = _calcjobs(orm.load_node(node.pk))
+        node = orm.load_node(node.pk)
+        result['calcjobs'] = _calcjobs(node)
+        result['report'] = [log.message for log in sorted(orm.Log.collection.get_logs_for(node), key=lambda x: x.time)]
     return result
 
 
+#: the molecules of ``slurm-scf --molecule``
+MOLECULES = {'h2': H2, 'lih': [('Li', (0.0, 0.0, 0.0)), ('H', (0.0, 0.0, 1.6))]}
+
+
 def slurm_scf(args) -> dict:
-    """The ``dm21.scf`` workchain of H2/STO-3G (grid ``--grid-level``) on computer ``args.computer``."""
+    """The ``dm21.scf`` workchain of ``--molecule`` (H2) in STO-3G (grid ``--grid-level``, and ``--parameters``)
+    with the code ``--code`` on computer ``args.computer``."""
     _load()
     from aiida import orm
     from aiida.plugins import DataFactory, WorkflowFactory
 
     builder = WorkflowFactory('dm21.scf').get_builder()
-    builder.scf.code = orm.load_code(f'dm21-python@{args.computer}')
-    builder.scf.structure = _h2()
+    builder.scf.code = orm.load_code(f'{args.code}@{args.computer}')
+    builder.scf.structure = _molecule(MOLECULES[args.molecule])
     builder.scf.checkpoint = DataFactory('dm21.checkpoint').get_or_create(args.checkpoint)
-    builder.scf.parameters = orm.Dict({'basis': 'sto-3g', 'grid_level': args.grid_level})
+    parameters = {'basis': 'sto-3g', 'grid_level': args.grid_level, **json.loads(args.parameters)}
+    builder.scf.parameters = orm.Dict(parameters)
     builder.scf.metadata.options = json.loads(args.options)
+    if args.walltime_factor is not None:
+        builder.walltime_factor = orm.Float(args.walltime_factor)
     return _submit_and_report(builder, args)
 
 
@@ -750,7 +793,18 @@ def main(argv: list[str] | None = None) -> int:
             one.add_argument('--checkpoint', required=True)
         one.add_argument('--grid-level', type=int, default=0)
         one.add_argument('--dataset', type=int)
+        if name == 'slurm-scf':
+            one.add_argument('--code', default='dm21-python', help='the label of the code on --computer')
+            one.add_argument('--molecule', choices=sorted(MOLECULES), default='h2')
+            one.add_argument('--parameters', default='{}', help='over {basis: sto-3g, grid_level} (JSON)')
+            one.add_argument('--walltime-factor', type=float, help="the workchain's walltime_factor")
         one.set_defaults(func=func)
+    one = commands.add_parser('slurm-code')
+    one.add_argument('--computer', required=True)
+    one.add_argument('--label', required=True)
+    one.add_argument('--executable', required=True, help='absolute path on the computer')
+    one.add_argument('--pythonpath', required=True, help='put first on PYTHONPATH of the jobs (the repository)')
+    one.set_defaults(func=slurm_code)
     one = commands.add_parser('restart-chain')
     one.add_argument('--checkpoint', required=True)
     one.set_defaults(func=restart_chain)

@@ -19,7 +19,9 @@ import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -59,6 +61,66 @@ SMALL = {
     'queue_name': PARTITION,
 }
 SCF_OUTPUTS = ['output_density', 'output_parameters', 'remote_folder', 'retrieved']
+
+#: LiH (1.6 Å, STO-3G, grid level 0) from the core-Hamiltonian guess: 5 SCF cycles with DM21 (H2/STO-3G converges
+#: in one, its density being fixed by symmetry), so a job can be cut with a density of 2 cycles to restart from
+LIH = [('Li', (0.0, 0.0, 0.0)), ('H', (0.0, 0.0, 1.6))]
+LIH_PARAMETERS = {'basis': 'sto-3g', 'grid_level': 0, 'init_guess': '1e', 'conv_tol': 1e-9}
+#: the ``dm21.scf`` jobs cut by Slurm: Slurm's shortest time limit, one minute
+CUT = {**SMALL, 'max_wallclock_seconds': 60}
+#: a code whose DM21 SCF stalls on its first attempt (counted in a folder of the test, the jobs run elsewhere): the
+#: Fock build of cycle 3 (the 4th call of ``DM21RKS.get_veff``: the guess's, then one a cycle) sleeps until a signal
+#: ends it, so only Slurm's SIGTERM at the time limit can stop that job, through the runner's own handler.  What
+#: reaches the sleep (the exception, when) is written to ``first-attempt.json``.  Then it runs the real runner.
+STALLING_PYTHON = '''#!{python}
+"""This Python's DM21 SCF stalls in cycle 3 on its first attempt (aiida-dm21 tests, test_slurm.py)."""
+import json
+import runpy
+import sys
+import time
+from pathlib import Path
+
+FOLDER = Path({folder!r})
+STALL_CALL = 4
+RECORD = {{'started': time.time()}}
+
+
+def record(**entries):
+    RECORD.update(entries)
+    (FOLDER / 'first-attempt.json').write_text(json.dumps(RECORD))
+
+
+def install():
+    from aiida_dm21.functional import scf
+
+    original = scf.DM21RKS.get_veff
+    calls = []
+
+    def get_veff(self, *args, **kwargs):
+        calls.append(time.time())
+        if len(calls) == STALL_CALL:
+            record(stalled=time.time())
+            try:
+                time.sleep(3600)
+            except BaseException as exc:  # the runner's signal handler raises here
+                record(interrupted=time.time(), type=type(exc).__name__, message=str(exc))
+                raise
+        return original(self, *args, **kwargs)
+
+    scf.DM21RKS.get_veff = get_veff  # the runner builds its SCF from this class when it runs
+    record()
+
+
+attempts = FOLDER / 'attempts'
+attempt = int(attempts.read_text()) + 1 if attempts.exists() else 1
+attempts.write_text(str(attempt))
+if attempt == 1:
+    install()
+if sys.argv[1:2] != ['-m'] or len(sys.argv) < 3:
+    raise SystemExit('usage: python -m MODULE [ARGS]')
+sys.argv = sys.argv[2:]
+runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
+'''
 
 
 def _driver_module():
@@ -127,6 +189,23 @@ def reference_energy(dm21_checkpoint_file) -> float:
     mf = KS(mol, dm21_checkpoint_file)
     mf.grids.level = 0
     return float(mf.kernel())
+
+
+@pytest.fixture(scope='module')
+def lih_energy(dm21_checkpoint_file) -> float:
+    """LiH of :data:`LIH_PARAMETERS` with the core ``KS`` in this process, from the same guess."""
+    from pyscf import gto
+
+    from aiida_dm21.functional.scf import KS
+
+    mol = gto.M(atom=LIH, basis='sto-3g', unit='Angstrom', verbose=0)
+    mf = KS(mol, dm21_checkpoint_file)
+    mf.grids.level = 0
+    mf.init_guess = '1e'
+    mf.conv_tol = 1e-9
+    energy = float(mf.kernel())
+    assert mf.converged
+    return energy
 
 
 @pytest.fixture(scope='module')
@@ -272,3 +351,70 @@ def test_reference_data_then_training_as_slurm_jobs(slurm_aiida, dm21_checkpoint
     jobs = train['calcjobs']
     assert [j['process_type'] for j in jobs] == ['aiida.calculations:dm21.train'], jobs
     _check_slurm_job(jobs[0], 'slurm-ssh', ['#SBATCH --cpus-per-task=1', f'#SBATCH --partition={PARTITION}'])
+
+
+def test_scf_cut_by_slurm_time_limit_resumes_from_its_density(slurm_aiida, tmp_path, dm21_checkpoint_file, lih_energy):
+    """Issue 11 (4): the ``dm21.scf`` workchain's first job, asking Slurm for one minute, stalls in SCF cycle 3
+    (:data:`STALLING_PYTHON`) until Slurm itself ends it at the time limit: SIGTERM reaches the runner, whose handler
+    stops the SCF and saves the density of cycle 2; the parser says 311 with that density, the workchain's walltime
+    handler restarts from it with the walltime × ``walltime_factor`` (4: four minutes), and the second job converges
+    to the in-process energy."""
+    aiida, _ = _computer(slurm_aiida, 'slurm-local')
+    folder = tmp_path / 'stalling'
+    folder.mkdir()
+    script = folder / 'python'
+    script.write_text(STALLING_PYTHON.format(python=sys.executable, folder=str(folder)))
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    aiida.driver(
+        'slurm-code', '--computer', 'slurm-local', '--label', 'dm21-stalling', '--executable', str(script),
+        '--pythonpath', str(REPO),
+    )  # fmt: skip
+    result = aiida.driver(
+        'slurm-scf', '--computer', 'slurm-local', '--code', 'dm21-stalling', '--molecule', 'lih',
+        '--parameters', json.dumps(LIH_PARAMETERS), '--walltime-factor', '4',
+        '--checkpoint', str(dm21_checkpoint_file), '--options', json.dumps(CUT), '--wait', '420', timeout=480,
+    )  # fmt: skip
+    logs = aiida.logs()
+    jobs = result['calcjobs']
+    summary = json.dumps({k: result[k] for k in ('process_state', 'exit_status', 'report')}, indent=1)
+    assert [j['process_type'] for j in jobs] == ['aiida.calculations:dm21.scf'] * 2, f'{summary}\n{jobs}\n{logs}'
+    first, second = jobs
+    assert (folder / 'attempts').read_text() == '2'
+
+    # the first job: Slurm's, one minute, cut by Slurm at its time limit
+    _check_slurm_job(first, 'slurm-local', ['#SBATCH --time=00:01:00'])
+    cancelled = rf'\*\*\* JOB {first["job_id"]} ON \S+ CANCELLED AT \S+ DUE TO TIME LIMIT \*\*\*'
+    assert re.search(cancelled, first['scheduler_stderr'] or ''), first['scheduler_stderr']
+    stall = json.loads((folder / 'first-attempt.json').read_text())
+    # the runner's SIGTERM handler raised in the stalled cycle (its deadline check, before a cycle, never ran there)
+    assert stall.get('type') == 'WalltimeExceeded' and stall['message'] == 'received signal SIGTERM', stall
+    after = stall['interrupted'] - stall['started']  # Slurm checks the limits every 30 s, then sends SIGTERM
+    print(f'first job: stalled {stall["stalled"] - stall["started"]:.1f} s after its start, SIGTERM at {after:.1f} s')
+    assert 55 < after < 150, stall
+    # ... saved the density of cycle 2; the parser: 311 (the runner stopped for the walltime) with that density
+    assert first['exit_status'] == 311, first
+    assert first['output_density'] is not None
+    assert first['output_parameters']['cycles'] == 2 and first['output_parameters']['converged'] is False
+    assert first['output_parameters']['error']['category'] == 'walltime'
+    assert first['output_parameters']['error']['message'] == 'received signal SIGTERM'
+
+    # the workchain's walltime handler: from that density, four times the walltime
+    assert any(
+        f'<{first["pk"]}> ran out of walltime (exit 311): restarting from the density' in line
+        and 'max_wallclock_seconds 60 -> 240' in line
+        for line in result['report']
+    ), result['report']
+    assert second['restart_density'] == first['output_density']
+    assert second['max_wallclock_seconds'] == 240
+    _check_slurm_job(second, 'slurm-local', ['#SBATCH --time=00:04:00'])
+    assert second['job_id'] != first['job_id']
+    assert 'DUE TO TIME LIMIT' not in (second['scheduler_stderr'] or '')
+    assert second['exit_status'] == 0, second
+    assert second['output_parameters']['restarted'] is True and second['output_parameters']['converged'] is True
+    print(f'second job: {second["output_parameters"]["cycles"]} cycles from the density of cycle 2')
+
+    # and the workchain: OK, with the second job's energy, the one of the SCF in this process
+    assert result['process_state'] == 'finished' and result['exit_status'] == 0, f'{summary}\n{logs}'
+    assert result['converged'] is True
+    assert result['e_tot'] == second['output_parameters']['e_tot']
+    assert abs(result['e_tot'] - lih_energy) < 1e-6, (result['e_tot'], lih_energy)
