@@ -9,7 +9,11 @@ folder, computed there once and reused by every later epoch and resumed job); th
 ``checkpoint.safetensors``, ``history.npz``, with a ``fractional_evaluation`` ``fractional_curve.png``
 and, last, ``metrics.json`` (with the package ``versions`` and the ``threads`` record)
 and, every ``save_every`` epochs, a resumable ``state/`` (weights, Adam moments, epoch, step, RNG state,
-best validation weights, history).  Stopped early for the walltime it writes ``interrupted.json`` instead.
+best validation weights, history).  Stopped early for the walltime it writes ``interrupted.json`` instead: when
+another epoch would not fit in the job's time, or when a stop signal arrives (:data:`STOP_SIGNALS`: Slurm's SIGTERM
+at the time limit, a KillWait before its SIGKILL).  A signal ends the job where it is, without saving the epoch it
+cut (``interrupted.json`` then has ``signal`` and, as ``epochs_done``, the epoch of the state saved before); a
+signal while the state is written waits until it is whole.
 Any failure ends in ``error.json``: ``{"format_version", "versions", "threads", "error": {"category", "message",
 "type"}}``
 with a category of :data:`ERROR_CATEGORIES` (a NaN loss is ``non_finite_loss``), never in a bare traceback.
@@ -37,11 +41,13 @@ loss curve is the single process's to rounding (``tests/test_distributed.py``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -118,6 +124,55 @@ class _InputError(Exception):
     def __init__(self, category: str, message: str) -> None:
         super().__init__(message)
         self.category = category
+
+
+#: Signals that stop a training job cleanly (:func:`main`): SIGTERM (Slurm at the time limit, ``scancel``), SIGUSR1
+#: (``#SBATCH --signal=USR1@...``), SIGXCPU (a CPU-time limit).
+STOP_SIGNALS = ('SIGTERM', 'SIGUSR1', 'SIGXCPU')
+
+
+class JobInterrupted(BaseException):
+    """A stop signal arrived.  A ``BaseException``, as ``KeyboardInterrupt``: no ``except Exception`` on the way
+    (a failed SCF evaluation, say) takes it for a failure."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(f'received signal {signal_name}')
+        self.signal_name = signal_name
+
+
+#: ``armed``: a stop signal raises :class:`JobInterrupted` (set by :func:`main` only); ``pending``: one that came
+#: while not armed (while the state was written), raised once that is done.
+_stop: dict[str, Any] = {'armed': False, 'pending': None}
+
+
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    name = signal.Signals(signum).name
+    if _stop['armed']:
+        raise JobInterrupted(name)
+    _stop['pending'] = name
+
+
+@contextlib.contextmanager
+def _uninterrupted():
+    """Hold stop signals back while the body runs (a state half written would resume wrongly); one that came
+    meanwhile is raised when the body is done."""
+    armed = _stop['armed']
+    _stop['armed'] = False
+    try:
+        yield
+    finally:
+        _stop['armed'] = armed
+    if armed and _stop['pending']:
+        name, _stop['pending'] = _stop['pending'], None
+        raise JobInterrupted(name)
+
+
+def _saved_epoch(state_dir: Path) -> int:
+    """The epoch of the state saved in ``state_dir`` (0: none)."""
+    try:
+        return int(json.loads(_state_paths(state_dir)[1].read_text())['epoch'])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 @dataclasses.dataclass
@@ -347,7 +402,8 @@ def train(
         if rank > 0:
             return
         payload = {**progress_state, 'history': history, 'metrics': metrics}
-        _save_state(state_dir, network, optimizer, rng, payload, best_weights)
+        with _uninterrupted():
+            _save_state(state_dir, network, optimizer, rng, payload, best_weights)
 
     interrupted = False
     for epoch in range(first_epoch, config.epochs):
@@ -559,6 +615,7 @@ def _train_job(config_path: Path, workdir: Path, versions: dict[str, str], threa
         walltime_seconds=spec.get('walltime_seconds'),
         prepared_dir=_prepared_folder(spec, workdir),
     )
+    _stop['armed'] = False  # trained: the outputs are written whole (the state of the last epoch is saved)
     if rank > 0:  # process 0 writes the results
         return EXIT_INTERRUPTED if result.interrupted else 0
     if result.interrupted:
@@ -596,6 +653,29 @@ def _local_processes() -> int:
     return int(text) if text.isascii() and text.isdigit() and int(text) >= 1 else 1
 
 
+def _catch_stop_signals() -> dict[int, Any]:
+    """Make :data:`STOP_SIGNALS` raise :class:`JobInterrupted`; the handlers they had.  Nothing outside the main
+    thread (where Python cannot set handlers)."""
+    previous: dict[int, Any] = {}
+    _stop.update(armed=False, pending=None)
+    for name in STOP_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is None:
+            continue
+        try:
+            previous[number] = signal.signal(number, _on_stop_signal)
+        except ValueError:  # not the main thread
+            break
+    _stop['armed'] = bool(previous)
+    return previous
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    _stop.update(armed=False, pending=None)
+    for number, handler in previous.items():
+        signal.signal(number, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Compute-node entry point: ``python -m aiida_dm21.training.train config.json`` in the working folder."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -610,6 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prepared.mkdir(exist_ok=True)
     versions = package_versions()
     threads: dict[str, Any] | None = None
+    previous = _catch_stop_signals()
     try:
         try:
             threads = apply_thread_count(processes=_local_processes())
@@ -617,6 +698,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise _InputError('unsupported_input', str(exc)) from exc
         print(thread_summary(threads), flush=True)
         return _train_job(config_path, workdir, versions, threads)
+    except JobInterrupted as exc:
+        _stop['armed'] = False
+        epoch = _saved_epoch(workdir / STATE_FOLDER)
+        print(f'stopping: {exc} (the state of epoch {epoch} is saved in {STATE_FOLDER})', flush=True)
+        if _distributed()[0] == 0:
+            done = {'epochs_done': epoch, 'signal': exc.signal_name, 'versions': versions, 'threads': threads}
+            write_json(workdir / 'interrupted.json', done)
+        return EXIT_INTERRUPTED
     except PreparedDataError as exc:
         error = {'category': 'unsupported_input', 'message': str(exc), 'type': type(exc).__name__}
         status = EXIT_BAD_INPUT
@@ -635,6 +724,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             'traceback': traceback.format_exc(limit=20),
         }
         status = EXIT_FAILED
+    finally:
+        _restore_signals(previous)
     if _distributed()[0] > 0:  # in a data-parallel run process 0 writes error.json; the others only say why
         print(f'aiida-dm21 training (rank {_distributed()[0]}): {error["message"]}', file=sys.stderr, flush=True)
         return status

@@ -1,8 +1,9 @@
 """``dm21.train`` WorkChain: a training that resumes after walltime, on ``BaseRestartWorkChain``.
 
-When a ``dm21.train`` job stops for the walltime — cleanly, with its state saved (exit 310), or killed
-by the scheduler (120, ERROR_SCHEDULER_OUT_OF_WALLTIME) — the next job gets the previous job's
-``remote_folder`` as ``parent_folder`` and continues from the last saved epoch.  A failure that a
+When a ``dm21.train`` job stops for the walltime — cleanly, with its state saved (exit 310: before an epoch
+that would not fit, or on the scheduler's SIGTERM at the time limit), or killed by the scheduler (120,
+ERROR_SCHEDULER_OUT_OF_WALLTIME) — the next job gets the previous job's ``remote_folder`` as ``parent_folder``
+and continues from the last saved epoch.  A failure that a
 restart would only repeat (NaN loss 410, non-finite output 411, refused input 420/421) ends the
 workchain at once with 404; any other failure follows AiiDA's unhandled-failure policy.
 """

@@ -298,6 +298,62 @@ def test_nan_loss_ends_in_a_categorised_error(tmp_path, hydrogen_systems, retrie
     assert not results
 
 
+def test_a_stop_signal_ends_the_training_at_its_saved_state_and_the_resume_ends_where_a_straight_run_does(
+    tmp_path, hydrogen_systems, retrieved_calc_node, monkeypatch
+):
+    """SIGTERM, as Slurm sends at the time limit, in epoch 2 of a 3-epoch training that saves its state every epoch:
+    exit 4, ``interrupted.json`` with the signal and the epoch of the saved state (1), no outputs, no error.json;
+    the parser says 310 (the training workchain resumes from it).  The next job in that folder (the state as the
+    workchain's restart copies it) ends with the weights of an uninterrupted run, bit for bit."""
+    import os
+    import signal
+
+    from safetensors.numpy import load_file
+
+    from aiida_dm21.training import train as training
+
+    hyper = {**HYPER, 'epochs': 3, 'seed': 11}
+    status, straight = _train_folder(tmp_path / 'straight', hydrogen_systems, hyperparameters=hyper)
+    assert status == 0
+
+    real = training.system_energy
+    folder = tmp_path / 'job'
+    sent = []
+
+    def terminated_in_epoch_2(network, cs, *args, **kwargs):
+        if not sent and training._saved_epoch(folder / 'state') == 1:
+            sent.append(cs.label)
+            os.kill(os.getpid(), signal.SIGTERM)  # the runner's handler raises here, in the middle of epoch 2
+        return real(network, cs, *args, **kwargs)
+
+    monkeypatch.setattr(training, 'system_energy', terminated_in_epoch_2)
+    handler = signal.getsignal(signal.SIGTERM)
+    status, _ = _train_folder(folder, hydrogen_systems, hyperparameters=hyper)
+    assert signal.getsignal(signal.SIGTERM) is handler  # main gives the handlers back
+    assert status == 4 and sent
+    interrupted = json.loads((folder / 'interrupted.json').read_text())
+    assert interrupted['signal'] == 'SIGTERM' and interrupted['epochs_done'] == 1
+    assert not (folder / 'error.json').exists() and not any((folder / name).exists() for name in OUTPUTS)
+    state = json.loads((folder / 'state' / 'state.json').read_text())
+    assert state['epoch'] == 1 and state['history']['epoch'] == [1]  # the cut epoch 2 was not saved
+    results, calcfunction = parse(retrieved_calc_node(folder, exit_status=120, plugin='dm21.train'))
+    assert calcfunction.exit_status == 310 and 'after 1 epochs' in calcfunction.exit_message
+    assert not results
+
+    monkeypatch.setattr(training, 'system_energy', real)
+    save_dataset(folder / 'datasets_h.npz', hydrogen_systems)
+    config = {'format_version': INPUT_FORMAT_VERSION, 'hyperparameters': hyper, 'datasets': ['datasets_h.npz']}
+    (folder / 'config.json').write_text(json.dumps(config))
+    (folder / 'interrupted.json').unlink()  # a new job's folder has none
+    assert main([str(folder / 'config.json')]) == 0
+    with np.load(folder / 'history.npz') as history:
+        assert list(history['epoch']) == [1, 2, 3]
+    resumed, uninterrupted = (load_file(str(f / 'checkpoint.safetensors')) for f in (folder, straight))
+    assert resumed.keys() == uninterrupted.keys()
+    for key, value in uninterrupted.items():
+        np.testing.assert_array_equal(resumed[key], value)
+
+
 @pytest.mark.parametrize('version', [99, None])
 def test_runner_refuses_an_unknown_input_format(tmp_path, hydrogen_systems, retrieved_calc_node, version):
     status, folder = _train_folder(tmp_path / 'job', hydrogen_systems, format_version=version)
