@@ -14,6 +14,7 @@ its stdout::
     python backend_driver.py slurm-dry-run --computer L --checkpoint F --options JSON --parameters JSON
     python backend_driver.py slurm-reference --computer L --options JSON [--wait T]  # dm21.reference_data, H+ and H
     python backend_driver.py slurm-train --computer L --dataset PK --checkpoint F --options JSON [--wait T]
+        [--code C] [--parameters JSON]
     python backend_driver.py restart-chain --checkpoint F     # dm21.scf workchain, stretched LiH: four CalcJobs
     python backend_driver.py watch --pk PK --calcjobs N [--submitted] [--timeout 120]  # until its N-th CalcJob
     python backend_driver.py chain-summary --pk PK [--timeout 240]  # wait, then each CalcJob of the workchain
@@ -464,15 +465,17 @@ def slurm_reference(args) -> dict:
 
 
 def slurm_train(args) -> dict:
-    """``dm21.train`` (workchain), one epoch from DM21 on the dataset ``args.dataset``."""
+    """``dm21.train`` (workchain), one epoch (or ``--parameters``) from DM21 on the dataset ``args.dataset``, with
+    the code ``--code``; for each job also what it resumed from and the ``state/state.json`` it left."""
     _load()
     from aiida import orm
     from aiida.plugins import DataFactory, WorkflowFactory
 
     builder = WorkflowFactory('dm21.train').get_builder()
-    builder.train.code = orm.load_code(f'dm21-python@{args.computer}')
+    builder.train.code = orm.load_code(f'{args.code}@{args.computer}')
     builder.train.datasets = {'hydrogen': orm.load_node(args.dataset)}
-    builder.train.parameters = orm.Dict({'epochs': 1, 'learning_rate': 1e-4, 'grid_level': 0})
+    parameters = {'epochs': 1, 'learning_rate': 1e-4, 'grid_level': 0, **json.loads(args.parameters)}
+    builder.train.parameters = orm.Dict(parameters)
     builder.train.seed = orm.Int(3)
     builder.train.initial_checkpoint = DataFactory('dm21.checkpoint').get_or_create(args.checkpoint)
     builder.train.metadata.options = json.loads(args.options)
@@ -483,8 +486,38 @@ def slurm_train(args) -> dict:
             'source': node.outputs.checkpoint.base.attributes.get('source'),
             'weights_sha256': node.outputs.checkpoint.weights_sha256,
             'epochs': [float(x) for x in node.outputs.loss_curves.get_array('epoch')],
+            'loss': [float(x) for x in node.outputs.loss_curves.get_array('loss')],
+            'wall_s': [float(x) for x in node.outputs.loss_curves.get_array('wall_s')],
         }
+    for entry in result.get('calcjobs', []):
+        entry.update(_train_job_record(orm.load_node(entry['pk'])))
     return result
+
+
+def _train_job_record(calc) -> dict:
+    """A ``dm21.train`` job: the remote folder it resumed from, what its log says about resuming and stopping, and
+    the ``state/state.json`` it left (read through the transport; ``None`` if it saved none)."""
+    record = {
+        'parent_folder': calc.inputs.parent_folder.uuid if 'parent_folder' in calc.inputs else None,
+        'remote_folder': calc.outputs.remote_folder.uuid if 'remote_folder' in calc.outputs else None,
+        'log': [],
+        'state': None,
+    }
+    if 'retrieved' in calc.outputs and 'aiida.out' in calc.outputs.retrieved.base.repository.list_object_names():
+        text = calc.outputs.retrieved.base.repository.get_object_content('aiida.out')
+        record['log'] = [line for line in text.splitlines() if line.startswith(('resumed from', 'stopping', 'epoch'))]
+    if 'remote_folder' in calc.outputs:
+        with tempfile.TemporaryDirectory() as folder:
+            target = os.path.join(folder, 'state.json')
+            try:
+                calc.outputs.remote_folder.getfile('state/state.json', target)
+            except OSError:
+                return record
+            state = json.loads(Path(target).read_text())
+        history = state['history']
+        record['state'] = {'epoch': state['epoch'], 'epochs': history['epoch'], 'loss': history['loss'],
+                           'wall_s': history['wall_s']}  # fmt: skip
+    return record
 
 
 # --- daemon restarts (test_daemon_restarts.py) ------------------------------------------------------------
@@ -798,6 +831,9 @@ def main(argv: list[str] | None = None) -> int:
             one.add_argument('--molecule', choices=sorted(MOLECULES), default='h2')
             one.add_argument('--parameters', default='{}', help='over {basis: sto-3g, grid_level} (JSON)')
             one.add_argument('--walltime-factor', type=float, help="the workchain's walltime_factor")
+        if name == 'slurm-train':
+            one.add_argument('--code', default='dm21-python', help='the label of the code on --computer')
+            one.add_argument('--parameters', default='{}', help='over {epochs: 1, learning_rate, grid_level} (JSON)')
         one.set_defaults(func=func)
     one = commands.add_parser('slurm-code')
     one.add_argument('--computer', required=True)

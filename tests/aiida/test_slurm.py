@@ -66,14 +66,16 @@ SCF_OUTPUTS = ['output_density', 'output_parameters', 'remote_folder', 'retrieve
 #: in one, its density being fixed by symmetry), so a job can be cut with a density of 2 cycles to restart from
 LIH = [('Li', (0.0, 0.0, 0.0)), ('H', (0.0, 0.0, 1.6))]
 LIH_PARAMETERS = {'basis': 'sto-3g', 'grid_level': 0, 'init_guess': '1e', 'conv_tol': 1e-9}
-#: the ``dm21.scf`` jobs cut by Slurm: Slurm's shortest time limit, one minute
+#: the jobs cut by Slurm: Slurm's shortest time limit, one minute
 CUT = {**SMALL, 'max_wallclock_seconds': 60}
-#: a code whose DM21 SCF stalls on its first attempt (counted in a folder of the test, the jobs run elsewhere): the
-#: Fock build of cycle 3 (the 4th call of ``DM21RKS.get_veff``: the guess's, then one a cycle) sleeps until a signal
-#: ends it, so only Slurm's SIGTERM at the time limit can stop that job, through the runner's own handler.  What
-#: reaches the sleep (the exception, when) is written to ``first-attempt.json``.  Then it runs the real runner.
-STALLING_PYTHON = '''#!{python}
-"""This Python's DM21 SCF stalls in cycle 3 on its first attempt (aiida-dm21 tests, test_slurm.py)."""
+#: a Python that runs the real runner (``-m MODULE``) after, on its first attempt only (counted in the folder of the
+#: test: the jobs run elsewhere), making it stall where ``HOOK`` says until a signal ends it, so that only Slurm's
+#: SIGTERM at the time limit can stop that job.  ``scf``: the Fock build of SCF cycle 3 (the 4th call of
+#: ``DM21RKS.get_veff``: the guess's, then one a cycle); ``train``: the first energy of a training epoch once the
+#: state of epoch 1 is saved (``state/state.json``), i.e. in epoch 2.  When it started, stalled and (if an
+#: exception reached the stall: the runner's signal handler) was interrupted goes to ``first-attempt.json``.
+STALLING_PYTHON = """#!{python}
+\"\"\"This Python's aiida-dm21 runner stalls ({hook}) on its first attempt (aiida-dm21 tests, test_slurm.py).\"\"\"
 import json
 import runpy
 import sys
@@ -81,7 +83,7 @@ import time
 from pathlib import Path
 
 FOLDER = Path({folder!r})
-STALL_CALL = 4
+HOOK = {hook!r}
 RECORD = {{'started': time.time()}}
 
 
@@ -90,7 +92,16 @@ def record(**entries):
     (FOLDER / 'first-attempt.json').write_text(json.dumps(RECORD))
 
 
-def install():
+def stall(where):
+    record(stalled=time.time(), where=where)
+    try:
+        time.sleep(3600)
+    except BaseException as exc:  # a signal handler of the runner raises here
+        record(interrupted=time.time(), type=type(exc).__name__, message=str(exc))
+        raise
+
+
+def install_scf():
     from aiida_dm21.functional import scf
 
     original = scf.DM21RKS.get_veff
@@ -98,29 +109,38 @@ def install():
 
     def get_veff(self, *args, **kwargs):
         calls.append(time.time())
-        if len(calls) == STALL_CALL:
-            record(stalled=time.time())
-            try:
-                time.sleep(3600)
-            except BaseException as exc:  # the runner's signal handler raises here
-                record(interrupted=time.time(), type=type(exc).__name__, message=str(exc))
-                raise
+        if len(calls) == 4:
+            stall('SCF cycle 3')
         return original(self, *args, **kwargs)
 
     scf.DM21RKS.get_veff = get_veff  # the runner builds its SCF from this class when it runs
-    record()
+
+
+def install_train():
+    from aiida_dm21.training import prepared
+
+    original = prepared.compact_energy
+    state = Path('state', 'state.json')  # in the job's working folder
+
+    def compact_energy(*args, **kwargs):
+        if state.is_file() and json.loads(state.read_text())['epoch'] >= 1:
+            stall('training epoch 2')
+        return original(*args, **kwargs)
+
+    prepared.compact_energy = compact_energy  # the training module takes it from there when it runs
 
 
 attempts = FOLDER / 'attempts'
 attempt = int(attempts.read_text()) + 1 if attempts.exists() else 1
 attempts.write_text(str(attempt))
 if attempt == 1:
-    install()
+    {{'scf': install_scf, 'train': install_train}}[HOOK]()
+    record()
 if sys.argv[1:2] != ['-m'] or len(sys.argv) < 3:
     raise SystemExit('usage: python -m MODULE [ARGS]')
 sys.argv = sys.argv[2:]
 runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
-'''
+"""
 
 
 def _driver_module():
@@ -284,6 +304,29 @@ def _check_scf(result: dict, reference: float, logs: str) -> dict:
     return jobs[0]
 
 
+def _stalling_code(aiida, computer: str, folder: Path, hook: str) -> Path:
+    """The code ``dm21-stalling-HOOK`` on ``computer``: :data:`STALLING_PYTHON` in ``folder``; returns ``folder``."""
+    folder.mkdir()
+    script = folder / 'python'
+    script.write_text(STALLING_PYTHON.format(python=sys.executable, folder=str(folder), hook=hook))
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    aiida.driver(
+        'slurm-code', '--computer', computer, '--label', f'dm21-stalling-{hook}', '--executable', str(script),
+        '--pythonpath', str(REPO),
+    )  # fmt: skip
+    return folder
+
+
+def _cancelled_by_time_limit(job: dict) -> float:
+    """Slurm's own line in the job's stderr (slurmstepd): cancelled at the time limit; when (Unix time)."""
+    import datetime
+
+    line = rf'\*\*\* JOB {job["job_id"]} ON \S+ CANCELLED AT (\S+) DUE TO TIME LIMIT \*\*\*'
+    found = re.search(line, job['scheduler_stderr'] or '')
+    assert found, job['scheduler_stderr']
+    return datetime.datetime.fromisoformat(found.group(1)).timestamp()  # slurmstepd writes the local time
+
+
 # --- the tests -----------------------------------------------------------------------------------------------
 
 
@@ -322,15 +365,29 @@ def test_gpu_request_in_submit_script(slurm_aiida, dm21_checkpoint_file):
     assert result['input'] is not None and result['input']['device'] == 'cuda', result['input']
 
 
-def test_reference_data_then_training_as_slurm_jobs(slurm_aiida, dm21_checkpoint_file):
+@pytest.fixture(scope='module')
+def slurm_reference(slurm_aiida) -> dict:
+    """``dm21.reference_data`` (H+ and H, FCI: two ``dm21.reference`` Slurm jobs on ``slurm-local``), once for the
+    trainings on ``slurm-ssh``; what ``slurm-reference`` answered."""
+    aiida, _ = _computer(slurm_aiida, 'slurm-ssh')  # both computers first: no skip after half the work
+    aiida, _ = _computer(slurm_aiida, 'slurm-local')
+    return aiida.driver(
+        'slurm-reference', '--computer', 'slurm-local', '--options', json.dumps(SMALL), '--wait', '240', timeout=300
+    )
+
+
+def _dataset(slurm_aiida, reference: dict) -> int:
+    aiida, _ = slurm_aiida
+    assert reference['process_state'] == 'finished' and reference['exit_status'] == 0, f'{reference}\n{aiida.logs()}'
+    return reference['dataset']['pk']
+
+
+def test_reference_data_then_training_as_slurm_jobs(slurm_aiida, slurm_reference, dm21_checkpoint_file):
     """``dm21.reference_data`` (H+ and H, FCI: two ``dm21.reference`` Slurm jobs on ``slurm-local``), then the
     ``dm21.train`` workchain, one epoch from DM21 on that dataset, as a Slurm job on ``slurm-ssh`` (the dataset and
     the checkpoint go up, the trained weights come back, through SSH)."""
-    aiida, _ = _computer(slurm_aiida, 'slurm-ssh')  # both computers first: no skip after half the work
-    aiida, _ = _computer(slurm_aiida, 'slurm-local')
-    reference = aiida.driver(
-        'slurm-reference', '--computer', 'slurm-local', '--options', json.dumps(SMALL), '--wait', '240', timeout=300
-    )
+    aiida, _ = _computer(slurm_aiida, 'slurm-ssh')
+    reference = slurm_reference
     logs = aiida.logs()
     assert reference['process_state'] == 'finished' and reference['exit_status'] == 0, f'{reference}\n{logs}'
     assert reference['dataset']['n_systems'] == 3 and reference['dataset']['kinds'] == {'fc': 1, 'fs': 1, 'integer': 1}
@@ -360,17 +417,9 @@ def test_scf_cut_by_slurm_time_limit_resumes_from_its_density(slurm_aiida, tmp_p
     handler restarts from it with the walltime × ``walltime_factor`` (4: four minutes), and the second job converges
     to the in-process energy."""
     aiida, _ = _computer(slurm_aiida, 'slurm-local')
-    folder = tmp_path / 'stalling'
-    folder.mkdir()
-    script = folder / 'python'
-    script.write_text(STALLING_PYTHON.format(python=sys.executable, folder=str(folder)))
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    aiida.driver(
-        'slurm-code', '--computer', 'slurm-local', '--label', 'dm21-stalling', '--executable', str(script),
-        '--pythonpath', str(REPO),
-    )  # fmt: skip
+    folder = _stalling_code(aiida, 'slurm-local', tmp_path / 'stalling', 'scf')
     result = aiida.driver(
-        'slurm-scf', '--computer', 'slurm-local', '--code', 'dm21-stalling', '--molecule', 'lih',
+        'slurm-scf', '--computer', 'slurm-local', '--code', 'dm21-stalling-scf', '--molecule', 'lih',
         '--parameters', json.dumps(LIH_PARAMETERS), '--walltime-factor', '4',
         '--checkpoint', str(dm21_checkpoint_file), '--options', json.dumps(CUT), '--wait', '420', timeout=480,
     )  # fmt: skip
@@ -383,14 +432,16 @@ def test_scf_cut_by_slurm_time_limit_resumes_from_its_density(slurm_aiida, tmp_p
 
     # the first job: Slurm's, one minute, cut by Slurm at its time limit
     _check_slurm_job(first, 'slurm-local', ['#SBATCH --time=00:01:00'])
-    cancelled = rf'\*\*\* JOB {first["job_id"]} ON \S+ CANCELLED AT \S+ DUE TO TIME LIMIT \*\*\*'
-    assert re.search(cancelled, first['scheduler_stderr'] or ''), first['scheduler_stderr']
+    cancelled = _cancelled_by_time_limit(first)
     stall = json.loads((folder / 'first-attempt.json').read_text())
-    # the runner's SIGTERM handler raised in the stalled cycle (its deadline check, before a cycle, never ran there)
+    # the runner's SIGTERM handler raised in the stalled cycle (its deadline check, after a cycle, never ran there)
     assert stall.get('type') == 'WalltimeExceeded' and stall['message'] == 'received signal SIGTERM', stall
     after = stall['interrupted'] - stall['started']  # Slurm checks the limits every 30 s, then sends SIGTERM
-    print(f'first job: stalled {stall["stalled"] - stall["started"]:.1f} s after its start, SIGTERM at {after:.1f} s')
-    assert 55 < after < 150, stall
+    print(
+        f'first job: stalled {stall["stalled"] - stall["started"]:.1f} s after its start, SIGTERM at {after:.1f} s '
+        f'(Slurm: cancelled at {cancelled - stall["started"]:.0f} s)'
+    )
+    assert 55 < after < 150 and abs(stall['interrupted'] - cancelled) < 5, stall
     # ... saved the density of cycle 2; the parser: 311 (the runner stopped for the walltime) with that density
     assert first['exit_status'] == 311, first
     assert first['output_density'] is not None
@@ -418,3 +469,63 @@ def test_scf_cut_by_slurm_time_limit_resumes_from_its_density(slurm_aiida, tmp_p
     assert result['converged'] is True
     assert result['e_tot'] == second['output_parameters']['e_tot']
     assert abs(result['e_tot'] - lih_energy) < 1e-6, (result['e_tot'], lih_energy)
+
+
+def test_training_cut_by_slurm_time_limit_resumes_from_its_saved_state(
+    slurm_aiida, slurm_reference, tmp_path, dm21_checkpoint_file
+):
+    """Issue 11 (4): the ``dm21.train`` workchain's first job (two epochs, the state saved after each, one minute of
+    Slurm) stalls in epoch 2 (:data:`STALLING_PYTHON`) until Slurm ends it at the time limit: SIGTERM reaches the
+    training runner, which stops with the state of epoch 1 (310); the workchain resumes from that state in the job's
+    remote folder (through SSH), and the second job trains epoch 2 only."""
+    dataset = _dataset(slurm_aiida, slurm_reference)
+    aiida, _ = _computer(slurm_aiida, 'slurm-ssh')
+    folder = _stalling_code(aiida, 'slurm-ssh', tmp_path / 'stalling', 'train')
+    parameters = {'epochs': 2, 'save_every': 1, 'learning_rate': 1e-4, 'grid_level': 0}
+    result = aiida.driver(
+        'slurm-train', '--computer', 'slurm-ssh', '--code', 'dm21-stalling-train', '--dataset', str(dataset),
+        '--parameters', json.dumps(parameters), '--checkpoint', str(dm21_checkpoint_file),
+        '--options', json.dumps(CUT), '--wait', '420', timeout=480,
+    )  # fmt: skip
+    logs = aiida.logs()
+    jobs = result['calcjobs']
+    summary = json.dumps({k: result[k] for k in ('process_state', 'exit_status', 'report')}, indent=1)
+    assert [j['process_type'] for j in jobs] == ['aiida.calculations:dm21.train'] * 2, f'{summary}\n{jobs}\n{logs}'
+    first, second = jobs
+    assert (folder / 'attempts').read_text() == '2'
+
+    # the first job: cut by Slurm at its time limit in epoch 2 ...
+    _check_slurm_job(first, 'slurm-ssh', ['#SBATCH --time=00:01:00'])
+    cancelled = _cancelled_by_time_limit(first)
+    stall = json.loads((folder / 'first-attempt.json').read_text())
+    assert stall['where'] == 'training epoch 2', stall
+    # ... through the training runner's SIGTERM handler, which stopped it with the state of epoch 1: 310
+    assert stall.get('type') == 'JobInterrupted' and stall['message'] == 'received signal SIGTERM', stall
+    after = stall['interrupted'] - stall['started']
+    print(
+        f'first job: stalled {stall["stalled"] - stall["started"]:.1f} s after its start, SIGTERM at {after:.1f} s '
+        f'(Slurm: cancelled at {cancelled - stall["started"]:.0f} s)'
+    )
+    assert 55 < after < 150 and abs(stall['interrupted'] - cancelled) < 5, stall
+    assert first['exit_status'] == 310 and 'after 1 epochs' in first['exit_message'], first
+    assert 'stopping: received signal SIGTERM (the state of epoch 1 is saved in state)' in first['log'], first['log']
+    assert first['state'] is not None and first['state']['epoch'] == 1 and first['state']['epochs'] == [1], first
+
+    # the workchain resumed from that state: the second job starts at epoch 2 and trains only that one
+    assert any(
+        f'<{first["pk"]}> stopped for walltime' in line and 'resuming from its saved state' in line
+        for line in result['report']
+    ), result['report']
+    assert second['parent_folder'] == first['remote_folder']
+    _check_slurm_job(second, 'slurm-ssh', ['#SBATCH --time=00:01:00'])
+    assert second['job_id'] != first['job_id'] and second['exit_status'] == 0, second
+    assert second['log'][0] == 'resumed from state at epoch 1', second['log']
+    assert [line.split(':')[0] for line in second['log'][1:]] == ['epoch 2/2'], second['log']
+    print(f'second job: {second["log"]}')
+
+    # the workchain: OK, two epochs, the first one's numbers those the first job saved (its wall time too: not redone)
+    assert result['process_state'] == 'finished' and result['exit_status'] == 0, f'{summary}\n{logs}'
+    trained = result['trained']
+    assert trained['source'] == 'trained' and trained['epochs'] == [1.0, 2.0]
+    assert trained['loss'][0] == first['state']['loss'][0] and trained['wall_s'][0] == first['state']['wall_s'][0]
+    assert trained['weights_sha256'] != result['checkpoint_sha256']
