@@ -9,6 +9,11 @@ One private ``AIIDA_PATH`` (``verdi presto --use-zeromq``) and one daemon serve 
 ``localhost``) and ``slurm-ssh`` (``core.ssh`` to 127.0.0.1 only: files and ``sbatch`` go through SSH, nothing reads
 the submitting side's disk directly).  Their code ``dm21-python`` is this Python with ``PYTHONPATH`` starting at
 this repository (code ``prepend_text``), so the jobs import the ``aiida_dm21`` under test, also in a clean clone.
+
+Two tests have Slurm itself cut a job at a one-minute time limit (its shortest): a wrapper of that Python
+(:data:`STALLING_PYTHON`) makes the real runner stall on its first attempt, so only Slurm's SIGTERM ends the job;
+the ``dm21.scf`` workchain must restart from the density the runner saved, the ``dm21.train`` workchain resume
+from the saved training state.
 """
 
 from __future__ import annotations
