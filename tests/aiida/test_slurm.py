@@ -67,8 +67,9 @@ SMALL = {
 }
 SCF_OUTPUTS = ['output_density', 'output_parameters', 'remote_folder', 'retrieved']
 
-#: LiH (1.6 Å, STO-3G, grid level 0) from the core-Hamiltonian guess: 5 SCF cycles with DM21 (H2/STO-3G converges
-#: in one, its density being fixed by symmetry), so a job can be cut with a density of 2 cycles to restart from
+#: LiH (1.6 Å, STO-3G, grid level 0) from the core-Hamiltonian guess: 21 SCF cycles with DM21 to 1e-9 Ha in this
+#: process (H2/STO-3G converges in one, its density fixed by symmetry), so a job can be cut with the density of
+#: cycle 2 to restart from
 LIH = [('Li', (0.0, 0.0, 0.0)), ('H', (0.0, 0.0, 1.6))]
 LIH_PARAMETERS = {'basis': 'sto-3g', 'grid_level': 0, 'init_guess': '1e', 'conv_tol': 1e-9}
 #: the jobs cut by Slurm: Slurm's shortest time limit, one minute
