@@ -336,6 +336,29 @@ def _cancelled_by_time_limit(job: dict) -> float:
 # --- the tests -----------------------------------------------------------------------------------------------
 
 
+def _cut_then_resumed(aiida, result: dict, folder: Path, kind: str, computer: str):
+    """The two ``dm21.<kind>`` jobs of a workchain whose first job (one minute of Slurm) stalled until Slurm cut it at
+    the time limit: ``(first, second, stall, summary, logs)``, ``stall`` what the stalling code recorded.  Checks
+    that there were two jobs, two attempts, the first a Slurm job of one minute, cancelled by Slurm for its time
+    limit, its stop signal when Slurm's line says (55-150 s after the start: Slurm checks the limits every 30 s)."""
+    logs = aiida.logs()
+    jobs = result['calcjobs']
+    summary = json.dumps({k: result[k] for k in ('process_state', 'exit_status', 'report')}, indent=1)
+    assert [j['process_type'] for j in jobs] == [f'aiida.calculations:dm21.{kind}'] * 2, f'{summary}\n{jobs}\n{logs}'
+    first, second = jobs
+    assert (folder / 'attempts').read_text() == '2'
+    _check_slurm_job(first, computer, ['#SBATCH --time=00:01:00'])
+    cancelled = _cancelled_by_time_limit(first)
+    stall = json.loads((folder / 'first-attempt.json').read_text())
+    after = stall['interrupted'] - stall['started']
+    print(
+        f'first job: stalled {stall["stalled"] - stall["started"]:.1f} s after its start, SIGTERM at {after:.1f} s '
+        f'(Slurm: cancelled at {cancelled - stall["started"]:.0f} s)'
+    )
+    assert 55 < after < 150 and abs(stall['interrupted'] - cancelled) < 5, stall
+    return first, second, stall, summary, logs
+
+
 @pytest.mark.parametrize('label', ['slurm-local', 'slurm-ssh'])
 def test_scf_workchain_as_slurm_job(slurm_aiida, label, dm21_checkpoint_file, reference_energy):
     """``dm21.scf`` (workchain) of H2/STO-3G on a ``core.slurm`` computer: OK, the in-process energy, and the
@@ -429,25 +452,9 @@ def test_scf_cut_by_slurm_time_limit_resumes_from_its_density(slurm_aiida, tmp_p
         '--parameters', json.dumps(LIH_PARAMETERS), '--walltime-factor', '4',
         '--checkpoint', str(dm21_checkpoint_file), '--options', json.dumps(CUT), '--wait', '420', timeout=480,
     )  # fmt: skip
-    logs = aiida.logs()
-    jobs = result['calcjobs']
-    summary = json.dumps({k: result[k] for k in ('process_state', 'exit_status', 'report')}, indent=1)
-    assert [j['process_type'] for j in jobs] == ['aiida.calculations:dm21.scf'] * 2, f'{summary}\n{jobs}\n{logs}'
-    first, second = jobs
-    assert (folder / 'attempts').read_text() == '2'
-
-    # the first job: Slurm's, one minute, cut by Slurm at its time limit
-    _check_slurm_job(first, 'slurm-local', ['#SBATCH --time=00:01:00'])
-    cancelled = _cancelled_by_time_limit(first)
-    stall = json.loads((folder / 'first-attempt.json').read_text())
+    first, second, stall, summary, logs = _cut_then_resumed(aiida, result, folder, 'scf', 'slurm-local')
     # the runner's SIGTERM handler raised in the stalled cycle (its deadline check, after a cycle, never ran there)
     assert stall.get('type') == 'WalltimeExceeded' and stall['message'] == 'received signal SIGTERM', stall
-    after = stall['interrupted'] - stall['started']  # Slurm checks the limits every 30 s, then sends SIGTERM
-    print(
-        f'first job: stalled {stall["stalled"] - stall["started"]:.1f} s after its start, SIGTERM at {after:.1f} s '
-        f'(Slurm: cancelled at {cancelled - stall["started"]:.0f} s)'
-    )
-    assert 55 < after < 150 and abs(stall['interrupted'] - cancelled) < 5, stall
     # ... saved the density of cycle 2; the parser: 311 (the runner stopped for the walltime) with that density
     assert first['exit_status'] == 311, first
     assert first['output_density'] is not None
@@ -493,26 +500,10 @@ def test_training_cut_by_slurm_time_limit_resumes_from_its_saved_state(
         '--parameters', json.dumps(parameters), '--checkpoint', str(dm21_checkpoint_file),
         '--options', json.dumps(CUT), '--wait', '420', timeout=480,
     )  # fmt: skip
-    logs = aiida.logs()
-    jobs = result['calcjobs']
-    summary = json.dumps({k: result[k] for k in ('process_state', 'exit_status', 'report')}, indent=1)
-    assert [j['process_type'] for j in jobs] == ['aiida.calculations:dm21.train'] * 2, f'{summary}\n{jobs}\n{logs}'
-    first, second = jobs
-    assert (folder / 'attempts').read_text() == '2'
-
-    # the first job: cut by Slurm at its time limit in epoch 2 ...
-    _check_slurm_job(first, 'slurm-ssh', ['#SBATCH --time=00:01:00'])
-    cancelled = _cancelled_by_time_limit(first)
-    stall = json.loads((folder / 'first-attempt.json').read_text())
+    first, second, stall, summary, logs = _cut_then_resumed(aiida, result, folder, 'train', 'slurm-ssh')
     assert stall['where'] == 'training epoch 2', stall
     # ... through the training runner's SIGTERM handler, which stopped it with the state of epoch 1: 310
     assert stall.get('type') == 'JobInterrupted' and stall['message'] == 'received signal SIGTERM', stall
-    after = stall['interrupted'] - stall['started']
-    print(
-        f'first job: stalled {stall["stalled"] - stall["started"]:.1f} s after its start, SIGTERM at {after:.1f} s '
-        f'(Slurm: cancelled at {cancelled - stall["started"]:.0f} s)'
-    )
-    assert 55 < after < 150 and abs(stall['interrupted'] - cancelled) < 5, stall
     assert first['exit_status'] == 310 and 'after 1 epochs' in first['exit_message'], first
     assert 'stopping: received signal SIGTERM (the state of epoch 1 is saved in state)' in first['log'], first['log']
     assert first['state'] is not None and first['state']['epoch'] == 1 and first['state']['epochs'] == [1], first
