@@ -125,8 +125,12 @@ def b3lyp_broken_symmetry_guess(mf) -> np.ndarray:
         )
     guess = b3lyp_solver(mf)
     guess.kernel()
-    energies = [float(guess.e_tot)]
-    best = (energies[0], guess.make_rdm1(), bool(guess.converged), float(guess.spin_square()[0]))
+
+    def state():  # energy, density, converged, <S^2> of the guess's current state
+        return float(guess.e_tot), guess.make_rdm1(), bool(guess.converged), float(guess.spin_square()[0])
+
+    best = state()
+    energies = [best[0]]
     stable = False
     for _ in range(BROKEN_SYMMETRY_ROUNDS):
         mo, _, stable, _ = guess.stability(return_status=True)
@@ -135,7 +139,7 @@ def b3lyp_broken_symmetry_guess(mf) -> np.ndarray:
         guess.kernel(dm0=guess.make_rdm1(mo, guess.mo_occ))
         energies.append(float(guess.e_tot))
         if energies[-1] < best[0]:
-            best = (energies[-1], guess.make_rdm1(), bool(guess.converged), float(guess.spin_square()[0]))
+            best = state()
         # A round that gains little (or loses: a flat surface near an instability re-converges within PySCF's
         # tolerances, up or down by 1e-7 Ha, and the path depends on the thread count) ends the search.
         if energies[-2] - energies[-1] < BROKEN_SYMMETRY_TOLERANCE:

@@ -214,9 +214,10 @@ def read_input(path: Path) -> dict[str, Any]:
 
 
 #: The Fock damping of the first 3 cycles of a smeared SCF when ``damp`` is not given.  Stretched H2 (6-31G, RKS,
-#: σ = 0.02 Ha, level 2, B3LYP guess) at 2.8-3.5 Å: undamped DIIS took 26-47 cycles, erratically (the first
+#: σ = 0.02 Ha, B3LYP guess): undamped DIIS took 26-47 cycles at 2.8-3.5 Å (level 2), erratically (the first
 #: cycles swap σg² and σu², which poisons the DIIS history; once in CI not converged in 100); damped by 0.5,
-#: 8-18 cycles at every distance with 1 and 2 threads (0.3: not converged at three of six; 0.7: 10-16).
+#: 8-22 cycles at every distance of 2.6-4.0 Å on levels 2 and 3 with 1 and 2 threads (0.3: not converged at three
+#: of six; 0.7: 10-16; docs/core.md).
 SMEARING_DAMP = 0.5
 
 
