@@ -47,6 +47,17 @@ HELDOUT_SCF = {'O': ('O 0 0 0', 0, 2), 'O+': ('O 0 0 0', 1, 3), 'F': ('F 0 0 0',
 HELDOUT_CURVE = {'atom': 'O 0 0 0', 'charge': 1, 'spin': 3, 'spin_next': 2, 'label': 'O+ -> O'}
 
 
+def _non_negative(text: str) -> float:
+    """argparse type: a finite number >= 0 (the regulariser weight)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f'{text!r} must be a finite number >= 0')
+    return value
+
+
 def _steps(start: float, stop: float, step: float) -> list[float]:
     return [round(start + i * step, 6) for i in range(round((stop - start) / step) + 1)]
 
@@ -62,7 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--epochs', type=int, default=None, help='at most this many epochs (default 6; quick 2)')
     parser.add_argument('--learning-rate', type=float, default=1e-4)
     parser.add_argument(
-        '--regulariser-weight', type=float, default=1.0, help='λ of the self-consistency regulariser (default 1)'
+        '--regulariser-weight',
+        type=_non_negative,
+        default=1.0,
+        help='λ of the self-consistency regulariser (default 1)',
     )
     parser.add_argument('--batch-size', type=int, default=None, help='systems per step (default 8; quick 4)')
     parser.add_argument('--patience', type=int, default=None, help='early stopping (default 2; quick 1)')

@@ -100,3 +100,18 @@ def test_end_to_end_quick(isolated, tmp_path):
     for heading in headings:
         assert heading in done.stdout
     assert 'reference CalcJobs reached 3 / run 3 (ok 3)' in done.stdout and ': OK' in done.stdout
+
+
+@pytest.mark.parametrize('value', ['-1', 'nan', 'inf', 'heavy'])
+def test_a_bad_regulariser_weight_is_refused_before_anything_runs(value, capsys):
+    """``--regulariser-weight`` must be a finite number >= 0: argparse refuses it (exit 2) with the value named."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location('end_to_end', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.parse_args(['--regulariser-weight', '100']).regulariser_weight == 100.0
+    with pytest.raises(SystemExit) as info:
+        module.parse_args(['--regulariser-weight', value])
+    assert info.value.code == 2
+    assert f"argument --regulariser-weight: '{value}'" in capsys.readouterr().err
