@@ -162,3 +162,56 @@ def test_every_accepted_density_method_is_known_to_pyscf():
             dft.libxc.parse_xc(name)  # raises KeyError for a name libxc does not know
     for bad in ('no_such_xc', 'b2plyp', '', None, 3):
         assert 'is not one of: hf, lda' in density_method_problem(bad)
+
+
+def test_a_reference_basis_moves_the_energy_not_the_density():
+    """CCSD(T) in cc-pVTZ on the 6-31G density: e_ref (and so the E_xc target) is cc-pVTZ's, the rest 6-31G's."""
+    from pyscf import cc
+
+    plain = _calc('He', 'He 0 0 0', 0, 0, method='ccsd(t)')
+    moved = _calc('He', 'He 0 0 0', 0, 0, method='ccsd(t)', reference_basis='cc-pvtz')
+    mol = gto.M(atom='He 0 0 0', basis='cc-pvtz', verbose=0)
+    hf = scf.UHF(mol).run(conv_tol=1e-10)
+    mycc = cc.UCCSD(hf).run()
+    assert abs(moved.e_ref - (mycc.e_tot + mycc.ccsd_t())) < 1e-8
+    assert moved.e_ref < plain.e_ref - 1e-2  # cc-pVTZ holds far more of He's correlation energy than 6-31G
+    assert abs(moved.extra['e_hf'] - hf.e_tot) < 1e-9 and moved.extra['hf_converged']
+    assert moved.extra['reference_basis'] == 'cc-pvtz' and 'reference_basis' not in plain.extra
+    np.testing.assert_allclose(moved.dm, plain.dm, atol=1e-8)  # the density (and its basis) is 6-31G's
+    assert moved.dm.shape[-1] == gto.M(atom='He 0 0 0', basis=BASIS, verbose=0).nao
+    assert abs(moved.e_non_xc - plain.e_non_xc) < 1e-8
+    assert abs((moved.e_xc_target - plain.e_xc_target) - (moved.e_ref - plain.e_ref)) < 1e-10
+    # one electron: the reference is the exact (HF) energy in the reference basis; no electron: unchanged
+    h = _calc('H', 'H 0 0 0', 0, 1, reference_basis='cc-pvtz')
+    assert abs(h.e_ref - scf.UHF(gto.M(atom='H 0 0 0', basis='cc-pvtz', spin=1, verbose=0)).kernel()) < 1e-9
+    assert _calc('H+', 'H 0 0 0', 1, 0, reference_basis='cc-pvtz').e_ref == 0.0
+    # the same basis twice is the plain calculation
+    same = _calc('He', 'He 0 0 0', 0, 0, method='ccsd(t)', reference_basis=BASIS)
+    assert same.e_ref == pytest.approx(plain.e_ref, abs=1e-10) and 'reference_basis' not in same.extra
+
+
+def test_a_bad_reference_basis_is_refused():
+    with pytest.raises(ReferenceInputError, match=r"cannot build 'He 0 0 0'/no-such-basis"):
+        _calc('He', 'He 0 0 0', 0, 0, method='ccsd(t)', reference_basis='no-such-basis')
+    with pytest.raises(ReferenceInputError, match='effective core potentials for I'):
+        spec = IntegerSpec(atom='I 0 0 0', basis='sto-3g', spin=1, reference_method='hf', reference_basis='def2-svp')
+        run_integer_system(spec)
+    with pytest.raises(ReferenceInputError, match='not with "user"'):
+        _calc('Li', 'Li 0 0 0', 0, 1, method='user', user_energy=-7.478, reference_basis='cc-pvtz')
+
+
+@pytest.mark.parametrize('value', [3, '', '   ', ['cc-pvtz']])
+def test_the_runner_refuses_a_reference_basis_that_is_not_a_name(tmp_path, value):
+    import json
+
+    from aiida_dm21.runner.common import INPUT_FORMAT_VERSION
+    from aiida_dm21.runner.reference import RunnerError, read_input
+
+    path = tmp_path / 'input.json'
+    data = {'format_version': INPUT_FORMAT_VERSION, 'symbols': ['He'], 'positions': [[0, 0, 0]], 'basis': '6-31g'}
+    path.write_text(json.dumps({**data, 'reference_basis': value}))
+    with pytest.raises(RunnerError, match='`reference_basis` must be a basis name') as info:
+        read_input(path)
+    assert info.value.category == 'unsupported_input'
+    path.write_text(json.dumps({**data, 'reference_basis': 'cc-pvtz'}))
+    assert read_input(path)['reference_basis'] == 'cc-pvtz'

@@ -49,6 +49,7 @@ PARAMETER_KEYS = {
     'label',
     'max_cycle',
     'cc_max_cycle',
+    'reference_basis',
 }
 
 #: Keys of a batch's common ``parameters`` (charge, multiplicity and label belong to each species).
@@ -83,6 +84,12 @@ def validate_parameters(value: orm.Dict, _: t.Any = None) -> str | None:
     method = data.get('reference_method', 'ccsd(t)')
     if method not in REFERENCE_METHODS:
         return f'`reference_method` {method!r} is not one of {REFERENCE_METHODS}'
+    if 'reference_basis' in data:
+        reference_basis = data['reference_basis']
+        if not isinstance(reference_basis, str) or not reference_basis.strip():
+            return f'`reference_basis` must be a PySCF basis name, got {reference_basis!r}'
+        if method == 'user':
+            return '`reference_basis` goes with a computed reference energy, not with reference_method "user"'
     return density_method_problem(data.get('density_method', 'hf'))
 
 
@@ -232,7 +239,8 @@ class DM21ReferenceCalculation(CalcJob):
             validator=validate_parameters,
             help='basis (required), charge (0), multiplicity (1), density_method ("hf" or a PySCF xc), '
             f'reference_method (one of {REFERENCE_METHODS}; default "ccsd(t)"), label, max_cycle (SCF cycles, '
-            'then as many Newton iterations; 50), cc_max_cycle (CCSD iterations; 50).',
+            'then as many Newton iterations; 50), cc_max_cycle (CCSD iterations; 50), reference_basis (the basis '
+            'of the reference energy when not `basis`: its own UHF, then the method; the density stays in `basis`).',
         )
         spec.input(
             'user_energy',
@@ -333,7 +341,7 @@ class DM21ReferenceCalculation(CalcJob):
                 spin=data.get('multiplicity', 1) - 1,
                 label=data.get('label', ''),
             )
-        for key in ('max_cycle', 'cc_max_cycle'):
+        for key in ('max_cycle', 'cc_max_cycle', 'reference_basis'):
             if key in data:
                 payload[key] = data[key]
         if 'user_energy' in self.inputs:

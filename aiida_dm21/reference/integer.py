@@ -3,7 +3,9 @@
 For a molecule or atom with a charge and spin this computes
 
 * the density (unrestricted HF, or a chosen PySCF functional, always as alpha/beta matrices),
-* a reference total energy: FCI, CCSD(T), CCSD, HF, or a number supplied by the user,
+* a reference total energy: FCI, CCSD(T), CCSD, HF, or a number supplied by the user; computed in the
+  density's basis, or in a larger ``reference_basis`` (the density, and so the E_xc target, stay in ``basis``:
+  DM21 learned near-complete-basis energies on densities of its working basis),
 * the non-XC energy terms of that density (kinetic, nuclear attraction, Hartree, nuclear repulsion),
 * orbitals, occupations and orbital energies per spin, and the reference-method Fock matrices.
 
@@ -52,6 +54,8 @@ class IntegerSpec:
     conv_tol: float = 1e-10
     max_cycle: int = 50  # SCF cycles of the density (and HF) calculation, then as many Newton iterations
     cc_max_cycle: int = 50  # CCSD amplitude iterations
+    #: basis of the reference energy (its own HF, then the correlated method) when not ``basis``; None: ``basis``
+    reference_basis: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -240,14 +244,21 @@ def run_integer_system(spec: IntegerSpec) -> IntegerResult:
     """Density, reference energy and energy terms of one integer-electron system.
 
     Whether every iterative step converged is recorded: ``converged`` (the density), ``hf_converged`` (the
-    Hartree-Fock reference of a correlated method on a DFT density), ``ccsd_converged`` and ``fci_converged``.
+    Hartree-Fock reference of a correlated method on a DFT density or in ``reference_basis``), ``ccsd_converged``
+    and ``fci_converged``.  With ``reference_basis`` the reference energy is that basis's (its own UHF, then the
+    method); the density, orbitals and energy terms are always ``basis``'s.
     """
     method = spec.reference_method.lower()
     if method not in REFERENCE_METHODS:
         raise ReferenceInputError(f'unknown reference method {spec.reference_method!r}: use one of {REFERENCE_METHODS}')
     if method == 'user' and spec.user_energy is None:
         raise ReferenceInputError('reference_method "user" needs user_energy (Ha)')
+    if spec.reference_basis is not None and method == 'user':
+        raise ReferenceInputError('reference_basis goes with a computed reference energy, not with "user"')
     mol = build_molecule(spec.atom, spec.basis, spec.charge, spec.spin)
+    mol_ref = mol
+    if spec.reference_basis is not None and spec.reference_basis != spec.basis:
+        mol_ref = build_molecule(spec.atom, spec.reference_basis, spec.charge, spec.spin)
     if mol.nelectron == 0:
         result = _zero_electron_result(spec, mol)
         if method == 'user':
@@ -267,11 +278,14 @@ def run_integer_system(spec: IntegerSpec) -> IntegerResult:
     extra: dict[str, Any] = {}
 
     def hartree_fock():
-        if spec.density_method.lower() == 'hf':
+        if spec.density_method.lower() == 'hf' and mol_ref is mol:
             return mf
-        hf = _converge(scf.UHF(mol), spec)
+        hf = _converge(scf.UHF(mol_ref), spec)
         extra['hf_converged'] = bool(hf.converged)
         return hf
+
+    if mol_ref is not mol:
+        extra['reference_basis'] = spec.reference_basis
 
     if method == 'hf' or (mol.nelectron == 1 and method in ('fci', 'ccsd(t)', 'ccsd')):
         hf = hartree_fock()

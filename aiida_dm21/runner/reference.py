@@ -3,7 +3,8 @@
 No AiiDA import.  Reads ``input.json``: ``format_version`` (must be
 :data:`~aiida_dm21.runner.common.INPUT_FORMAT_VERSION`), ``symbols``, ``positions`` in Angstrom, ``basis``,
 ``charge``, ``spin`` = 2S, ``density_method``, ``reference_method``, optional ``user_energy`` in Ha,
-``label``, optional ``max_cycle`` and ``cc_max_cycle``; runs
+``label``, optional ``max_cycle``, ``cc_max_cycle`` and ``reference_basis`` (the basis of the reference energy
+when not ``basis``); runs
 :func:`aiida_dm21.reference.integer.run_integer_system` and writes ``arrays.npz``, then ``results.json``
 (each through a temporary file: a present ``results.json`` means complete files).
 
@@ -100,6 +101,9 @@ def read_input(path: Path) -> dict[str, Any]:
         value = data.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise RunnerError('unsupported_input', f'`{key}` must be a positive integer, got {value!r}')
+    reference_basis = data.get('reference_basis')
+    if reference_basis is not None and (not isinstance(reference_basis, str) or not reference_basis.strip()):
+        raise RunnerError('unsupported_input', f'`reference_basis` must be a basis name, got {reference_basis!r}')
     return data
 
 
@@ -119,7 +123,8 @@ def batch_arrays_file(index: int) -> str:
 
 def compute(data: dict[str, Any]):
     """One species: ``symbols``, ``positions`` (Angstrom), ``basis``, ``charge``, ``spin`` = 2S, ``density_method``,
-    ``reference_method``, ``user_energy``, ``label``, ``max_cycle``, ``cc_max_cycle`` -> ``(IntegerSpec,
+    ``reference_method``, ``reference_basis``, ``user_energy``, ``label``, ``max_cycle``, ``cc_max_cycle`` ->
+    ``(IntegerSpec,
     IntegerResult)`` (:func:`aiida_dm21.reference.integer.run_integer_system`).
 
     :raises RunnerError: ``unsupported_input`` for a bad geometry, parameters or an input PySCF refuses.
@@ -141,6 +146,7 @@ def compute(data: dict[str, Any]):
             label=data.get('label', ''),
             max_cycle=int(data.get('max_cycle', 50)),
             cc_max_cycle=int(data.get('cc_max_cycle', 50)),
+            reference_basis=data.get('reference_basis'),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise RunnerError('unsupported_input', f'bad geometry or parameters: {exc}') from exc

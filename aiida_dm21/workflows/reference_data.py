@@ -144,7 +144,9 @@ def _fractions(name: str, value: t.Any, low: float, high: float, high_open: bool
     return None
 
 
-def _species_problem(item: dict, basis: str, method: str, density_method: str) -> str | None:
+def _species_problem(
+    item: dict, basis: str, method: str, density_method: str, reference_basis: str | None = None
+) -> str | None:
     """Why the ``dm21.reference`` calculation of one species would be refused, or ``None``."""
     from aiida_dm21.calculations.reference import validate_inputs as validate_reference_inputs
     from aiida_dm21.calculations.reference import validate_parameters as validate_reference_parameters
@@ -165,6 +167,7 @@ def _species_problem(item: dict, basis: str, method: str, density_method: str) -
             'density_method': density_method,
             'reference_method': method,
             'label': item['label'],
+            **({} if reference_basis is None else {'reference_basis': reference_basis}),
         }
     )
     problem = validate_reference_parameters(parameters)
@@ -175,6 +178,8 @@ def _species_problem(item: dict, basis: str, method: str, density_method: str) -
     if problem is None:
         try:
             _frame_molecule(item['atom'], basis)
+            if reference_basis is not None:
+                _frame_molecule(item['atom'], reference_basis)
         except ReferenceInputError as exc:
             problem = str(exc)
     return problem
@@ -217,9 +222,10 @@ def validate_inputs(inputs: dict, _: t.Any = None) -> str | None:
     density_method = inputs['density_method'].value if 'density_method' in inputs else 'hf'
     if density_method_problem(density_method):
         return None  # reported by the port validator
+    reference_basis = inputs['reference_basis'].value if 'reference_basis' in inputs else None
     species = {item['label']: item for item in definition['species']}
     for label, item in species.items():
-        problem = _species_problem(item, basis, method, density_method)
+        problem = _species_problem(item, basis, method, density_method, reference_basis)
         if problem:
             return f'species {label!r}: {problem}'
     return _fractional_problem(definition, species)
@@ -308,6 +314,14 @@ class ReferenceDataWorkChain(WorkChain):
             valid_type=orm.Str,
             required=False,
             help="fci, ccsd(t), ccsd or hf (default: the set's own, else ccsd(t)).",
+        )
+        spec.input(
+            'reference_basis',
+            valid_type=orm.Str,
+            required=False,
+            help='The basis of the reference energies when not `basis` (e.g. cc-pvqz): each species gets its own UHF '
+            'and reference method there, while its density and E_xc target terms stay in `basis`.  DM21 learned '
+            "near-complete-basis energies; targets in a small basis teach the functional that basis's error.",
         )
         spec.input(
             'density_method',
@@ -401,6 +415,7 @@ class ReferenceDataWorkChain(WorkChain):
             'basis': self.inputs.basis.value,
             'density_method': self.inputs.density_method.value,
             'reference_method': self.ctx.method,
+            **({'reference_basis': self.inputs.reference_basis.value} if 'reference_basis' in self.inputs else {}),
             **(self.inputs.iterations.get_dict() if 'iterations' in self.inputs else {}),
         }
         builder = DM21ReferenceCalculation.get_builder()

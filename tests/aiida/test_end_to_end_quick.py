@@ -115,3 +115,17 @@ def test_a_bad_regulariser_weight_is_refused_before_anything_runs(value, capsys)
         module.parse_args(['--regulariser-weight', value])
     assert info.value.code == 2
     assert f"argument --regulariser-weight: '{value}'" in capsys.readouterr().err
+
+
+def test_the_reference_basis_defaults_to_cc_pvqz_and_none_keeps_the_densities_basis():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location('end_to_end', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.parse_args([]).reference_basis == 'cc-pvqz'
+    assert module.parse_args(['--quick']).reference_basis is None
+    assert module.parse_args(['--reference-basis', 'none']).reference_basis is None
+    assert module.parse_args(['--reference-basis', '6-31g']).reference_basis is None
+    assert module.parse_args(['--quick', '--reference-basis', 'cc-pvtz']).reference_basis == 'cc-pvtz'
+    assert module.target_label(None) == 'CCSD(T)/6-31g' and module.target_label('cc-pvqz') == 'CCSD(T)/cc-pvqz'

@@ -414,3 +414,52 @@ def test_workchain_does_not_retry_an_unconverged_species(reference_code):
     )
     assert node.exit_status == 402 and 'H2 (not converged: ccsd_converged)' in node.exit_message, node.exit_message
     assert len(_jobs(node)) == 1  # the same input would not converge twice: no retry
+
+
+def test_workchain_reference_basis_reaches_every_job_and_the_targets(reference_code):
+    """FCI in cc-pVTZ on 6-31G densities, batched and alone: the energies are cc-pVTZ's, the densities 6-31G's."""
+    from pyscf import gto, scf
+
+    results, node = _reference_data(reference_code, batch_size=orm.Int(2), reference_basis=orm.Str('cc-pvtz'))
+    assert node.is_finished_ok, node.exit_message
+    jobs = _jobs(node)
+    assert len(jobs) == 2
+    assert [json.loads(j.base.repository.get_object_content('input.json'))['reference_basis'] for j in jobs] == [
+        'cc-pvtz',
+        'cc-pvtz',
+    ]
+    he_plus = jobs[1].outputs.output_parameters
+    mol = gto.M(atom='He 0 0 0', basis='cc-pvtz', charge=1, spin=1, verbose=0)
+    assert he_plus['e_ref'] == pytest.approx(scf.UHF(mol).run(conv_tol=1e-10).e_tot, abs=1e-8)
+    assert he_plus['reference_basis'] == 'cc-pvtz'
+    assert jobs[1].outputs.output_arrays.get_array('dm').shape[-1] == 2  # He in 6-31G: 2 functions
+    h = jobs[0].outputs.species.H.output_parameters
+    assert h['e_ref'] == pytest.approx(scf.UHF(gto.M(atom='H', basis='cc-pvtz', spin=1, verbose=0)).kernel(), abs=1e-8)
+    assert results['dataset'].n_systems == 2
+
+
+@pytest.mark.parametrize(
+    ('value', 'message'),
+    [
+        ('no-such-basis', "species 'H+': cannot build 'H 0 0 0'/no-such-basis"),
+        ('', '`reference_basis` must be a PySCF basis name'),
+    ],
+)
+def test_a_bad_reference_basis_is_refused_before_any_job(reference_code, count_nodes, value, message):
+    before = count_nodes()
+    with pytest.raises(ValueError) as info:
+        _reference_data(reference_code, reference_basis=orm.Str(value))
+    assert message in str(info.value)
+    assert count_nodes() == before
+
+
+def test_the_calcjob_refuses_a_bad_reference_basis():
+    from aiida_dm21.calculations.reference import validate_parameters
+
+    assert 'not with reference_method "user"' in validate_parameters(
+        orm.Dict({'basis': '6-31g', 'reference_method': 'user', 'reference_basis': 'cc-pvtz'})
+    )
+    assert '`reference_basis` must be a PySCF basis name' in validate_parameters(
+        orm.Dict({'basis': '6-31g', 'reference_basis': 3})
+    )
+    assert validate_parameters(orm.Dict({'basis': '6-31g', 'reference_basis': 'cc-pvtz'})) is None
