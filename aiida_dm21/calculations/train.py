@@ -26,7 +26,7 @@ from aiida.engine import CalcJob
 from aiida_dm21.data.checkpoint import DM21CheckpointData
 from aiida_dm21.data.dataset import DM21DatasetData
 from aiida_dm21.runner.common import INPUT_FORMAT_VERSION
-from aiida_dm21.training.config import ERROR_FILE, TrainConfig  # no PyTorch: validation stays light
+from aiida_dm21.training.config import ERROR_FILE, RANK_ERROR_PATTERN, TrainConfig  # no PyTorch: validation stays light
 
 __all__ = ('DM21TrainCalculation',)
 
@@ -220,6 +220,7 @@ class DM21TrainCalculation(CalcJob):
             FRACTIONAL_PLOT,
             'interrupted.json',
             ERROR_FILE,
+            RANK_ERROR_PATTERN,
             self.metadata.options.output_filename,
         ]
         return calcinfo

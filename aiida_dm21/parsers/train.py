@@ -1,7 +1,11 @@
 """Parser of ``dm21.train``: checkpoint node, loss curves and metrics; never raises on bad output.
 
 The runner's own verdicts come first: ``error.json`` (a categorised failure, e.g. a NaN loss -> 410) and
-``interrupted.json`` (stopped for the walltime with its state saved -> 310).  When the outputs are missing
+``interrupted.json`` (stopped for the walltime with its state saved -> 310).  In a data-parallel (``torchrun``)
+run, every failed process writes its own error file and the earliest is the cause; and a process killed outright
+(SIGKILL, a segfault) leaves only torchrun's report on stderr, "Root Cause (first observed failure)" with its exit
+code: its siblings, stopped by torchrun's SIGTERM, wrote ``interrupted.json`` as for the walltime, but the job
+failed (350, ``worker_failed``) and resuming it would only fail again.  When the outputs are missing
 or truncated and the scheduler reported a problem (110 out of memory, 120 out of walltime, 140 node
 failure, set on the node before parsing), the scheduler's code is returned, which the training workchain
 restarts from.  Nothing is stored unless every metric, every loss-curve value and every weight is finite.
@@ -9,8 +13,10 @@ restarts from.  Nothing is stored unless every metric, every loss-curve value an
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
+import re
 import tempfile
 import typing as t
 from pathlib import Path
@@ -22,7 +28,7 @@ from aiida.engine import ExitCode
 
 from aiida_dm21.data.checkpoint import DM21CheckpointData
 from aiida_dm21.parsers.common import NeverRaisingParser, first_non_finite, first_non_finite_array, scheduler_exit_code
-from aiida_dm21.training.config import ERROR_FILE
+from aiida_dm21.training.config import ERROR_FILE, RANK_ERROR_PATTERN
 
 __all__ = ('DM21TrainParser',)
 
@@ -31,6 +37,28 @@ HISTORY_FILE = 'history.npz'
 METRICS_FILE = 'metrics.json'
 INTERRUPTED_FILE = 'interrupted.json'
 FRACTIONAL_PLOT = 'fractional_curve.png'
+SCHEDULER_STDERR = '_scheduler-stderr.txt'
+#: exit codes of a torchrun worker that stopped for a stop signal (the runner's own 4, or the signal itself)
+_STOPPED = {4, -15, -10, -24}
+_ROOT_CAUSE = re.compile(
+    r'Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)[^\n]*'
+    r'(?:.*?traceback\s*:\s*([^\n]*))?',
+    re.S,
+)
+
+
+def worker_failure(stderr: str) -> str | None:
+    """What killed a torchrun worker, from torchrun's ChildFailedError report in ``stderr``; ``None`` when there is
+    no such report or its root cause is a worker that stopped for a stop signal (the walltime)."""
+    if 'ChildFailedError' not in stderr:
+        return None
+    match = _ROOT_CAUSE.search(stderr)
+    if match is None:
+        return 'torchrun reported a failed process (no root cause given)'
+    rank, code, trace = int(match.group(1)), int(match.group(2)), (match.group(3) or '').strip()
+    if code in _STOPPED:
+        return None
+    return f'process {rank} of the data-parallel run exited with code {code}' + (f' ({trace})' if trace else '')
 
 
 class DM21TrainParser(NeverRaisingParser):
@@ -42,14 +70,22 @@ class DM21TrainParser(NeverRaisingParser):
     def _json(self, name: str) -> t.Any:
         return json.loads(self.retrieved.base.repository.get_object_content(name, mode='r'))
 
-    def _runner_error(self) -> ExitCode:
-        try:
-            error = self._json(ERROR_FILE).get('error')
-        except (OSError, ValueError, UnicodeDecodeError, AttributeError) as exc:
-            return self._unreadable(f'{ERROR_FILE}: {type(exc).__name__}: {exc}')
-        if not isinstance(error, dict):
-            error = {'category': 'internal_error', 'message': str(error)}
+    def _runner_error(self, names: list[str]) -> ExitCode:
+        """The verdict of the error files ``names`` (error.json, error_rank<k>.json): the earliest one's."""
+        errors = []
+        for name in names:
+            try:
+                error = self._json(name).get('error')
+            except (OSError, ValueError, UnicodeDecodeError, AttributeError) as exc:
+                return self._unreadable(f'{name}: {type(exc).__name__}: {exc}')
+            if not isinstance(error, dict):
+                error = {'category': 'internal_error', 'message': str(error)}
+            when = error.get('time')
+            errors.append((when if isinstance(when, (int, float)) else float('inf'), name != ERROR_FILE, name, error))
+        _, _, name, error = min(errors, key=lambda item: item[:3])
         category, detail = str(error.get('category', 'internal_error')), str(error.get('message', 'no message'))
+        if name != ERROR_FILE:
+            detail = f'process {error.get("rank", name)}: {detail}'
         if category == 'non_finite_loss':
             return self.exit_codes.ERROR_NON_FINITE_LOSS.format(detail=detail)
         if category == 'unsupported_input':
@@ -58,7 +94,17 @@ class DM21TrainParser(NeverRaisingParser):
             return self.exit_codes.ERROR_UNSUPPORTED_FORMAT_VERSION.format(detail=detail)
         return scheduler_exit_code(self) or self.exit_codes.ERROR_RUNNER_FAILED.format(category=category, detail=detail)
 
+    def _stderr(self) -> str:
+        name = self.node.get_option('scheduler_stderr') or SCHEDULER_STDERR
+        try:
+            return self.retrieved.base.repository.get_object_content(name, mode='r')
+        except (OSError, ValueError, UnicodeDecodeError, FileNotFoundError):
+            return ''
+
     def _interrupted(self) -> ExitCode:
+        failure = worker_failure(self._stderr())
+        if failure is not None:
+            return self.exit_codes.ERROR_RUNNER_FAILED.format(category='worker_failed', detail=failure)
         try:
             epochs = self._json(INTERRUPTED_FILE)['epochs_done']
         except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
@@ -71,8 +117,9 @@ class DM21TrainParser(NeverRaisingParser):
         except NotExistent:
             return self.exit_codes.ERROR_NO_RETRIEVED_FOLDER
         names = retrieved.base.repository.list_object_names()
-        if ERROR_FILE in names:
-            return self._runner_error()
+        errors = [name for name in names if name == ERROR_FILE or fnmatch.fnmatch(name, RANK_ERROR_PATTERN)]
+        if errors:
+            return self._runner_error(sorted(errors))
         if INTERRUPTED_FILE in names:
             return self._interrupted()
         for name in (CHECKPOINT_FILE, HISTORY_FILE, METRICS_FILE):

@@ -16,11 +16,21 @@ __all__ = [
     'KINDS',
     'LR_SCHEDULES',
     'ORBITAL_ENERGIES',
+    'RANK_ERROR_PATTERN',
     'TrainConfig',
     'learning_rate_at',
+    'rank_error_file',
 ]
 
 ERROR_FILE = 'error.json'
+#: What a process of a data-parallel run other than process 0 writes when it fails (``error_rank1.json``...):
+#: the parser reads it, so that a crash of one process is not taken for the walltime its siblings' SIGTERM mimics.
+RANK_ERROR_PATTERN = 'error_rank*.json'
+
+
+def rank_error_file(rank: int) -> str:
+    """The error file of process ``rank`` (0: :data:`ERROR_FILE`)."""
+    return ERROR_FILE if rank == 0 else f'error_rank{rank}.json'
 
 #: The kinds of training systems (``TrainingSystem.kind``) that ``kind_weights`` may weight.
 KINDS: tuple[str, ...] = ('integer', 'fc', 'fs')

@@ -15,8 +15,9 @@ at the time limit, a KillWait before its SIGKILL).  A signal ends the job where 
 cut (``interrupted.json`` then has ``signal`` and, as ``epochs_done``, the epoch of the state saved before); a
 signal while the state is written waits until it is whole.
 Any failure ends in ``error.json``: ``{"format_version", "versions", "threads", "error": {"category", "message",
-"type"}}``
-with a category of :data:`ERROR_CATEGORIES` (a NaN loss is ``non_finite_loss``), never in a bare traceback.
+"type", "rank", "time"}}``
+with a category of :data:`ERROR_CATEGORIES` (a NaN loss is ``non_finite_loss``), never in a bare traceback; in a
+data-parallel run process *k* > 0 writes ``error_rank<k>.json`` (:func:`~.config.rank_error_file`).
 
 Threads: PyTorch, numba and PySCF get what the scheduler granted (``SLURM_CPUS_PER_TASK``, ``PBS_NUM_PPN``,
 ``NCPUS``, then ``OMP_NUM_THREADS``; :func:`~aiida_dm21.runner.common.apply_thread_count`), set before anything
@@ -72,7 +73,7 @@ from ..runner.common import (
     thread_summary,
     write_json,
 )
-from .config import ERROR_FILE, TrainConfig, learning_rate_at
+from .config import TrainConfig, learning_rate_at, rank_error_file
 from .loss import self_consistency_delta
 from .prepared import PreparedData, PreparedDataError, compact_energy, evaluate_fast, prepare_dataset
 from .scf_eval import check_molecules, evaluate_scf, plot_curves
@@ -726,11 +727,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = EXIT_FAILED
     finally:
         _restore_signals(previous)
-    if _distributed()[0] > 0:  # in a data-parallel run process 0 writes error.json; the others only say why
-        print(f'aiida-dm21 training (rank {_distributed()[0]}): {error["message"]}', file=sys.stderr, flush=True)
-        return status
-    write_json(workdir / ERROR_FILE, {'format_version': 1, 'versions': versions, 'threads': threads, 'error': error})
-    print(f'aiida-dm21 training: {error["category"]}: {error["message"]}', file=sys.stderr, flush=True)
+    # Every process of a data-parallel run writes its own error file (process 0: error.json), with the time: when
+    # one process fails, torchrun SIGTERMs the others, which then stop as if for the walltime; the parser takes the
+    # earliest error as the cause.
+    rank = _distributed()[0]
+    error.update(rank=rank, time=time.time())
+    payload = {'format_version': 1, 'versions': versions, 'threads': threads, 'error': error}
+    write_json(workdir / rank_error_file(rank), payload)
+    where = f' (rank {rank})' if rank else ''
+    print(f'aiida-dm21 training{where}: {error["category"]}: {error["message"]}', file=sys.stderr, flush=True)
     return status
 
 

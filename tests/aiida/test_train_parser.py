@@ -371,3 +371,104 @@ def test_runner_refuses_bad_hyperparameters(tmp_path, hydrogen_systems, retrieve
     assert status == 2
     _, calcfunction = parse(retrieved_calc_node(folder, plugin='dm21.train'))
     assert calcfunction.exit_status == 420 and 'unknown training hyper-parameters' in calcfunction.exit_message
+
+
+# --- data-parallel runs: a crashed process is a failure, not a walltime -------------------------------------
+
+KILLED_RANK_1 = """torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+aiida_dm21.training.train FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-12-02_13:31:43
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : 4 (pid: 10533)
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-02_13:31:43
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : {code} (pid: 10534){suffix}
+  error_file: <N/A>
+  traceback : {trace}
+============================================================
+"""
+TORCHRUN_SIGTERM = """Traceback (most recent call last):
+  File "/usr/lib/python3/site-packages/torch/distributed/elastic/multiprocessing/api.py", line 84, in _terminate
+    raise SignalException(f"Process {os.getpid()} got signal: {sigval}", sigval=sigval)
+torch.distributed.elastic.multiprocessing.api.SignalException: Process 11396 got signal: 15
+"""
+
+
+def _error_file(message: str, rank: int, when: float, category: str = 'internal_error') -> bytes:
+    return json.dumps(
+        {'format_version': 1, 'error': {'category': category, 'message': message, 'rank': rank, 'time': when}}
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ('stderr', 'status', 'message'),
+    [
+        (
+            KILLED_RANK_1.format(code=-9, suffix=' (SIGKILL)', trace='Signal 9 (SIGKILL) received by PID 10534'),
+            350,
+            'process 1 of the data-parallel run exited with code -9 (Signal 9 (SIGKILL) received by PID 10534)',
+        ),
+        (
+            KILLED_RANK_1.format(code=-11, suffix=' (SIGSEGV)', trace='Signal 11 (SIGSEGV) received by PID 10534'),
+            350,
+            'exited with code -11',
+        ),
+        (
+            KILLED_RANK_1.format(code=1, suffix='', trace='To enable traceback see: x'),
+            350,
+            'process 1 of the data-parallel run exited with code 1',
+        ),
+        (
+            KILLED_RANK_1.format(code=4, suffix='', trace='To enable traceback see: x'),
+            310,
+            'after 3 epochs',
+        ),  # Slurm signalled the workers
+        (TORCHRUN_SIGTERM, 310, 'after 3 epochs'),  # Slurm's SIGTERM reached torchrun: the walltime
+        ('', 310, 'after 3 epochs'),
+    ],
+)
+def test_a_killed_process_of_a_data_parallel_run_is_a_failure_not_a_walltime(train_node, stderr, status, message):
+    files = {'interrupted.json': b'{"epochs_done": 3}', '_scheduler-stderr.txt': stderr.encode()}
+    results, calcfunction = parse(train_node(drop=OUTPUTS, files=files))
+    assert calcfunction.exit_status == status, calcfunction.exit_message
+    assert message in calcfunction.exit_message
+    if status == 350:
+        assert '(worker_failed)' in calcfunction.exit_message
+    assert not results
+
+
+def test_the_earliest_error_of_a_data_parallel_run_is_its_cause(train_node):
+    """Rank 1 failed first; rank 0 then failed in the collective (gloo): the job reports rank 1's error."""
+    files = {
+        'error.json': _error_file('RuntimeError: Connection closed by peer [127.0.0.1]:29500', 0, 1000.5),
+        'error_rank1.json': _error_file('RuntimeError: out of memory', 1, 1000.0),
+        'interrupted.json': b'{"epochs_done": 3}',
+    }
+    results, calcfunction = parse(train_node(drop=OUTPUTS, files=files))
+    assert calcfunction.exit_status == 350
+    assert (
+        'process 1: RuntimeError: out of memory' in calcfunction.exit_message
+        and 'gloo' not in calcfunction.exit_message
+    )
+    # rank 1's file alone (rank 0 was stopped by torchrun's SIGTERM and wrote interrupted.json): still a failure
+    files = {
+        'error_rank1.json': _error_file('a NaN', 1, 5.0, 'non_finite_loss'),
+        'interrupted.json': b'{"epochs_done": 3}',
+    }
+    results, calcfunction = parse(train_node(drop=OUTPUTS, files=files))
+    assert calcfunction.exit_status == 410 and 'process 1: a NaN' in calcfunction.exit_message
+    assert not results
+    # an unreadable rank file is a verdict too, not a crash of the parser
+    results, calcfunction = parse(train_node(drop=OUTPUTS, files={'error_rank2.json': b'{not json'}))
+    assert calcfunction.exit_status == 301 and 'error_rank2.json' in calcfunction.exit_message

@@ -304,6 +304,62 @@ def test_two_process_training_through_torchrun_follows_the_single_process_curve(
     assert np.allclose(a, b, rtol=1e-6, atol=1e-9), (a, b)
 
 
+INJECTED_FAILURE = """\"\"\"aiida-dm21 tests: process 1 of a torchrun training fails in its first step ({mode}),
+while process 0 is still computing its own first system (it sleeps there), so that torchrun's SIGTERM reaches
+process 0 before any collective could fail.\"\"\"
+import os
+
+if os.environ.get('RANK') in ('0', '1'):
+    import signal
+    import time
+
+    import aiida_dm21.training.prepared as prepared
+
+    original = prepared.compact_energy
+
+    def compact_energy(*args, **kwargs):
+        if os.environ['RANK'] == '0':
+            time.sleep(60)  # torchrun notices process 1's end within a second and SIGTERMs this one
+            return original(*args, **kwargs)
+        if {mode!r} == 'kill':
+            os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would: no Python handler runs
+        raise RuntimeError('injected failure of process 1')
+
+    prepared.compact_energy = compact_energy  # the training module imports it from here when it starts
+"""
+
+
+@pytest.mark.parametrize('mode', ['raise', 'kill'])
+def test_a_process_of_a_torchrun_training_that_fails_fails_the_job_instead_of_passing_for_a_walltime(
+    hydrogen_data, tmp_path, mode
+):
+    """torchrun SIGTERMs the other processes when one fails, and they stop as for the walltime (interrupted.json):
+    the job must end in 350 with the failed process named, not in 310, which the workchain would resume forever."""
+    code, dataset, _ = hydrogen_data
+    (tmp_path / 'sitecustomize.py').write_text(INJECTED_FAILURE.format(mode=mode))
+    hyper = orm.Dict({'epochs': 2, 'learning_rate': 1e-4, 'grid_level': 0, 'seed': 3, 'batch_size': 2})
+    options = {'environment_variables': {'PYTHONPATH': str(tmp_path)}}
+    _, node = run_get_node(
+        DM21TrainCalculation,
+        code=code,
+        datasets={'h': dataset},
+        parameters=hyper,
+        num_processes=orm.Int(2),
+        metadata={'options': options},
+    )
+    assert node.exit_status == 350, node.exit_message
+    retrieved = node.outputs.retrieved.base.repository.list_object_names()
+    assert 'interrupted.json' in retrieved and 'error.json' not in retrieved  # process 0 stopped as for a walltime
+    if mode == 'raise':  # the failed process's own error file names it
+        assert 'error_rank1.json' in retrieved
+        assert 'process 1: RuntimeError: injected failure of process 1' in node.exit_message
+    else:  # a SIGKILLed process writes nothing: torchrun's report on stderr names it
+        assert '(worker_failed)' in node.exit_message
+        assert 'process 1 of the data-parallel run exited with code -9' in node.exit_message
+    assert 'checkpoint' not in node.outputs
+    assert not node.base.caching.is_valid_cache
+
+
 def test_num_processes_below_one_is_refused(hydrogen_data, count_nodes):
     code, dataset, _ = hydrogen_data
     before = count_nodes()
