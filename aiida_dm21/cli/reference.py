@@ -39,6 +39,11 @@ def reference() -> None:
     help="Reference energies from this method (default: the set's own, else ccsd(t)).",
 )
 @click.option(
+    '--reference-basis',
+    default=None,
+    help='Compute the reference energies in this basis (e.g. cc-pvqz) on the --basis densities (default: --basis).',
+)
+@click.option(
     '--max-cycle', default=None, type=click.IntRange(min=1), help='SCF iteration limit of every species (default 50).'
 )
 @click.option(
@@ -67,6 +72,7 @@ def launch(
     set_name: str,
     basis: str,
     reference_method: str | None,
+    reference_basis: str | None,
     max_cycle: int | None,
     batch_size: int | None,
     max_concurrent: int | None,
@@ -94,6 +100,8 @@ def launch(
         builder.basis = orm.Str(basis)
         if reference_method is not None:
             builder.reference_method = orm.Str(reference_method)
+        if reference_basis is not None:
+            builder.reference_basis = orm.Str(reference_basis)
         if max_cycle is not None:
             builder.iterations = orm.Dict({'max_cycle': max_cycle})
         for name, value in (
@@ -113,7 +121,8 @@ def launch(
         raise click.ClickException(f'the inputs were refused: {problem}')
     species = SPECIES_SETS[set_name]['species']
     method = reference_method or SPECIES_SETS[set_name].get('reference_method', 'ccsd(t)')
-    what = f'{set_name}/{basis} ({method}, {len(species)} species)'
+    energies = f'{method}/{reference_basis}' if reference_basis else method
+    what = f'{set_name}/{basis} ({energies}, {len(species)} species)'
 
     if daemon:
         submit_to_daemon(builder, 'dm21.reference_data', what)

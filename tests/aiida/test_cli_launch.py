@@ -114,6 +114,11 @@ def test_verdi_data_dm21_dataset_help(restore_aiida_logging):
         ),
         (['demo_heldout', '--batch-size', 'two'], 2, "Invalid value for '--batch-size': 'two' is not a valid integer"),
         (['demo_heldout', '--basis', 'no-such-basis'], 1, "the inputs were refused: species 'Li+'"),
+        (
+            ['demo_heldout', '--reference-basis', 'no-such-basis'],
+            1,
+            "the inputs were refused: species 'Li+': cannot build 'Li 0 0 0'/no-such-basis",
+        ),
     ],
 )
 def test_reference_launch_refuses(cli, python_code, count_nodes, args, status, message):
@@ -124,6 +129,20 @@ def test_reference_launch_refuses(cli, python_code, count_nodes, args, status, m
     assert message in result.output
     assert 'Traceback' not in result.output
     assert count_nodes() == before
+
+
+def test_reference_launch_passes_the_reference_basis(cli, python_code, monkeypatch):
+    import aiida_dm21.cli.reference as reference_cli
+
+    captured = {}
+    monkeypatch.setattr(
+        reference_cli, 'submit_to_daemon', lambda builder, *rest: captured.update(builder=builder, what=rest)
+    )
+    args = ['demo_heldout', '-b', 'sto-3g', '--reference-basis', 'cc-pvdz', '--daemon', '--code', python_code.pk]
+    result = cli('reference', 'launch', *args)
+    assert result.exit_code == 0, result.output
+    assert captured['builder'].reference_basis.value == 'cc-pvdz'
+    assert 'fci/cc-pvdz' in captured['what'][1]
 
 
 @pytest.mark.parametrize(
