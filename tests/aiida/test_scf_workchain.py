@@ -372,10 +372,13 @@ def test_stretched_f2_converges_through_the_restart_chain(scf_inputs):
     inputs = scf_inputs(F2_STRETCHED, basis='6-31g', grid_level=1, max_cycle=5)
     results, node = run_get_node(DM21ScfWorkChain, **inputs)
     assert node.is_finished_ok, (node.exit_status, node.exit_message, reports(node))
-    runs = children(node)
+    # A run stopped for the walltime (311; the Newton step on a loaded machine) is resumed with the same settings
+    # and more time: a step of the chain, not a rung.  The chain itself is what is asserted.
+    statuses = [run.exit_status for run in children(node)]
+    runs = [run for run in children(node) if run.exit_status != 311]
     # measured: [400, 400, 400, 405, 400, 0] (Newton lands on a non-aufbau state, smearing does not converge)
-    assert [run.exit_status for run in runs][-1] == 0 and len(runs) == 6, [run.exit_status for run in runs]
-    assert {run.exit_status for run in runs[:-1]} <= {400, 405}
+    assert [run.exit_status for run in runs][-1] == 0 and len(runs) == 6, statuses
+    assert {run.exit_status for run in runs[:-1]} <= {400, 405}, statuses
     assert runs[-2].inputs.parameters['smearing'] == SMEARING
     last = runs[-1].inputs.parameters
     assert (last['scf_type'], last['init_guess']) == ('UKS', 'b3lyp_broken_symmetry')
