@@ -32,6 +32,7 @@ def rank_error_file(rank: int) -> str:
     """The error file of process ``rank`` (0: :data:`ERROR_FILE`)."""
     return ERROR_FILE if rank == 0 else f'error_rank{rank}.json'
 
+
 #: The kinds of training systems (``TrainingSystem.kind``) that ``kind_weights`` may weight.
 KINDS: tuple[str, ...] = ('integer', 'fc', 'fs')
 
