@@ -59,6 +59,21 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _kind_weights(text: str) -> dict[str, float]:
+    """argparse type: ``integer=10,fc=1,fs=1`` -> the training's ``kind_weights`` (kinds left out weigh 1)."""
+    kinds = ('integer', 'fc', 'fs')
+    weights = {}
+    for item in filter(None, (part.strip() for part in text.split(','))):
+        kind, sep, value = item.partition('=')
+        kind = kind.strip().lower()
+        if not sep or kind not in kinds:
+            raise argparse.ArgumentTypeError(f'{item!r}: expected KIND=WEIGHT with KIND one of {", ".join(kinds)}')
+        weights[kind] = _non_negative(value)
+    if not weights:
+        raise argparse.ArgumentTypeError('no KIND=WEIGHT given')
+    return {**dict.fromkeys(kinds, 1.0), **weights}
+
+
 def _steps(start: float, stop: float, step: float) -> list[float]:
     return [round(start + i * step, 6) for i in range(round((stop - start) / step) + 1)]
 
@@ -83,6 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         '--reference-basis',
         default=None,
         help='basis of the CCSD(T) reference energies (default cc-pvqz; quick: none = the 6-31G of the densities)',
+    )
+    parser.add_argument(
+        '--kind-weights',
+        type=_kind_weights,
+        default=None,
+        help='loss weight per system kind, e.g. integer=20 (default: 1 each)',
     )
     parser.add_argument('--batch-size', type=int, default=None, help='systems per step (default 8; quick 4)')
     parser.add_argument('--patience', type=int, default=None, help='early stopping (default 2; quick 1)')
@@ -201,6 +222,7 @@ def training_parameters(args, e_ref: dict[str, float]) -> dict:
         'warmup_epochs': 1,
         'max_grad_norm': 1.0,
         'validation_fraction': args.validation_fraction,
+        'kind_weights': args.kind_weights or {'integer': 1.0, 'fc': 1.0, 'fs': 1.0},
         'patience': args.patience,
         'grid_level': args.grid_level,
         'save_every': 1,

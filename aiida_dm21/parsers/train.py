@@ -17,6 +17,7 @@ import fnmatch
 import io
 import json
 import re
+import signal
 import tempfile
 import typing as t
 from pathlib import Path
@@ -28,7 +29,7 @@ from aiida.engine import ExitCode
 
 from aiida_dm21.data.checkpoint import DM21CheckpointData
 from aiida_dm21.parsers.common import NeverRaisingParser, first_non_finite, first_non_finite_array, scheduler_exit_code
-from aiida_dm21.training.config import ERROR_FILE, RANK_ERROR_PATTERN
+from aiida_dm21.training.config import ERROR_FILE, EXIT_INTERRUPTED, RANK_ERROR_PATTERN, STOP_SIGNALS
 
 __all__ = ('DM21TrainParser',)
 
@@ -38,8 +39,8 @@ METRICS_FILE = 'metrics.json'
 INTERRUPTED_FILE = 'interrupted.json'
 FRACTIONAL_PLOT = 'fractional_curve.png'
 SCHEDULER_STDERR = '_scheduler-stderr.txt'
-#: exit codes of a torchrun worker that stopped for a stop signal (the runner's own 4, or the signal itself)
-_STOPPED = {4, -15, -10, -24}
+#: exit codes of a torchrun worker that stopped for a stop signal: the runner's own, or the signal itself (-signum)
+_STOPPED = {EXIT_INTERRUPTED, *(-int(getattr(signal, name)) for name in STOP_SIGNALS)}
 _ROOT_CAUSE = re.compile(
     r'Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)[^\n]*'
     r'(?:.*?traceback\s*:\s*([^\n]*))?',
@@ -98,7 +99,7 @@ class DM21TrainParser(NeverRaisingParser):
         name = self.node.get_option('scheduler_stderr') or SCHEDULER_STDERR
         try:
             return self.retrieved.base.repository.get_object_content(name, mode='r')
-        except (OSError, ValueError, UnicodeDecodeError, FileNotFoundError):
+        except (OSError, ValueError, UnicodeDecodeError):
             return ''
 
     def _interrupted(self) -> ExitCode:

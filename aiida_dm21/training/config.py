@@ -12,17 +12,24 @@ import re
 
 __all__ = [
     'ERROR_FILE',
+    'EXIT_INTERRUPTED',
     'FRACTIONAL_DELTAS',
     'KINDS',
     'LR_SCHEDULES',
     'ORBITAL_ENERGIES',
     'RANK_ERROR_PATTERN',
+    'STOP_SIGNALS',
     'TrainConfig',
     'learning_rate_at',
     'rank_error_file',
 ]
 
 ERROR_FILE = 'error.json'
+#: The training runner's exit status when it stopped cleanly, state saved, to be resumed (walltime, stop signal).
+EXIT_INTERRUPTED = 4
+#: Signals that stop a training job cleanly (``training.train.main``): SIGTERM (Slurm at the time limit,
+#: ``scancel``), SIGUSR1 (``#SBATCH --signal=USR1@...``), SIGXCPU (a CPU-time limit).
+STOP_SIGNALS: tuple[str, ...] = ('SIGTERM', 'SIGUSR1', 'SIGXCPU')
 #: What a process of a data-parallel run other than process 0 writes when it fails (``error_rank1.json``...):
 #: the parser reads it, so that a crash of one process is not taken for the walltime its siblings' SIGTERM mimics.
 RANK_ERROR_PATTERN = 'error_rank*.json'

@@ -73,7 +73,7 @@ from ..runner.common import (
     thread_summary,
     write_json,
 )
-from .config import TrainConfig, learning_rate_at, rank_error_file
+from .config import EXIT_INTERRUPTED, STOP_SIGNALS, TrainConfig, learning_rate_at, rank_error_file
 from .loss import self_consistency_delta
 from .prepared import PreparedData, PreparedDataError, compact_energy, evaluate_fast, prepare_dataset
 from .scf_eval import check_molecules, evaluate_scf, plot_curves
@@ -93,7 +93,6 @@ HA_TO_MHA = 1000.0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE_LOSS = 3
-EXIT_INTERRUPTED = 4
 STATE_FOLDER = 'state'
 PREPARED_FOLDER = 'prepared'
 FRACTIONAL_PLOT = 'fractional_curve.png'  # the FC curves of the initial and trained functional (fractional_evaluation)
@@ -125,11 +124,6 @@ class _InputError(Exception):
     def __init__(self, category: str, message: str) -> None:
         super().__init__(message)
         self.category = category
-
-
-#: Signals that stop a training job cleanly (:func:`main`): SIGTERM (Slurm at the time limit, ``scancel``), SIGUSR1
-#: (``#SBATCH --signal=USR1@...``), SIGXCPU (a CPU-time limit).
-STOP_SIGNALS = ('SIGTERM', 'SIGUSR1', 'SIGXCPU')
 
 
 class JobInterrupted(BaseException):

@@ -129,3 +129,33 @@ def test_the_reference_basis_defaults_to_cc_pvqz_and_none_keeps_the_densities_ba
     assert module.parse_args(['--reference-basis', '6-31g']).reference_basis is None
     assert module.parse_args(['--quick', '--reference-basis', 'cc-pvtz']).reference_basis == 'cc-pvtz'
     assert module.target_label(None) == 'CCSD(T)/6-31g' and module.target_label('cc-pvqz') == 'CCSD(T)/cc-pvqz'
+
+
+@pytest.mark.parametrize(
+    ('value', 'message'),
+    [('integer', 'expected KIND=WEIGHT'), ('molecule=2', 'expected KIND=WEIGHT'), ('fc=-1', 'finite number >= 0')],
+)
+def test_kind_weights_reach_the_training_and_bad_ones_are_refused(value, message, capsys):
+    """``--kind-weights integer=20`` sets the training's ``kind_weights`` (others 1); a bad one exits 2, named."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location('end_to_end', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(['--kind-weights', 'integer=20, fs=0.5'])
+    assert args.kind_weights == {'integer': 20.0, 'fc': 1.0, 'fs': 0.5}
+    assert module.training_parameters(args, dict.fromkeys(module.HELDOUT_SCF, -1.0))['kind_weights'] == {
+        'integer': 20.0,
+        'fc': 1.0,
+        'fs': 0.5,
+    }
+    plain = module.parse_args([])
+    assert module.training_parameters(plain, dict.fromkeys(module.HELDOUT_SCF, -1.0))['kind_weights'] == {
+        'integer': 1.0,
+        'fc': 1.0,
+        'fs': 1.0,
+    }
+    with pytest.raises(SystemExit) as info:
+        module.parse_args(['--kind-weights', value])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
