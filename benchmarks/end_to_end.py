@@ -40,6 +40,8 @@ import threading
 import time
 from pathlib import Path
 
+from aiida_dm21.training.config import KINDS  # light: no PyTorch
+
 TRAIN_SET, HELDOUT_SET = 'light_train', 'light_heldout'
 BASIS = '6-31g'
 #: the held-out atoms of the self-consistent evaluation: label -> (atom, charge, 2S)
@@ -61,17 +63,16 @@ def _non_negative(text: str) -> float:
 
 def _kind_weights(text: str) -> dict[str, float]:
     """argparse type: ``integer=10,fc=1,fs=1`` -> the training's ``kind_weights`` (kinds left out weigh 1)."""
-    kinds = ('integer', 'fc', 'fs')
     weights = {}
     for item in filter(None, (part.strip() for part in text.split(','))):
         kind, sep, value = item.partition('=')
         kind = kind.strip().lower()
-        if not sep or kind not in kinds:
-            raise argparse.ArgumentTypeError(f'{item!r}: expected KIND=WEIGHT with KIND one of {", ".join(kinds)}')
+        if not sep or kind not in KINDS:
+            raise argparse.ArgumentTypeError(f'{item!r}: expected KIND=WEIGHT with KIND one of {", ".join(KINDS)}')
         weights[kind] = _non_negative(value)
     if not weights:
         raise argparse.ArgumentTypeError('no KIND=WEIGHT given')
-    return {**dict.fromkeys(kinds, 1.0), **weights}
+    return {**dict.fromkeys(KINDS, 1.0), **weights}
 
 
 def _steps(start: float, stop: float, step: float) -> list[float]:
@@ -222,7 +223,7 @@ def training_parameters(args, e_ref: dict[str, float]) -> dict:
         'warmup_epochs': 1,
         'max_grad_norm': 1.0,
         'validation_fraction': args.validation_fraction,
-        'kind_weights': args.kind_weights or {'integer': 1.0, 'fc': 1.0, 'fs': 1.0},
+        'kind_weights': args.kind_weights or dict.fromkeys(KINDS, 1.0),
         'patience': args.patience,
         'grid_level': args.grid_level,
         'save_every': 1,
