@@ -16,7 +16,9 @@ from aiida_dm21.functional.scf import RKS, ROKS, UKS
 pytestmark = pytest.mark.core
 
 WATER = 'O 0 0 0.117790; H 0 0.755453 -0.471161; H 0 -0.755453 -0.471161'
-HYDROXYL = 'O 0 0 0; H 0 0 0.97'  # on an axis of the grid: a tilted OH's open pi shell turns slowly on the grid
+# a sigma radical (X 2Sigma+): OH's degenerate open pi shell let the DIIS wander between pi_x, pi_y and their mixtures
+# (stationary points 1e-5 Ha apart), and on one CI machine it ran out of cycles
+BERYLLIUM_HYDRIDE = 'Be 0 0 0; H 0 0 1.34'
 FD_STEP = 1e-3  # bohr
 FD_TOLERANCE = 1e-5  # Ha/bohr
 
@@ -49,7 +51,7 @@ def _scf(mol, network, dm0=None, level=4, **options):
     mf = (RKS if mol.spin == 0 else UKS)(mol, copy.deepcopy(network), network_dtype=torch.float64, **options)
     mf.grids.level = level
     # no pruning by density: the pruned grid would depend on each displaced geometry's density (a jump in the
-    # energy of up to ~1e-8 Ha between the finite-difference points), and OH's UKS then stalls above 1e-10
+    # energy of up to ~1e-8 Ha between the finite-difference points), and a UKS can then stall above 1e-10
     mf.small_rho_cutoff = 1e-20
     mf.conv_tol, mf.conv_tol_grad = 1e-10, 1e-6
     mf.kernel(dm0=dm0)
@@ -84,8 +86,8 @@ def water(network):
 
 
 @pytest.fixture(scope='module')
-def hydroxyl(network):
-    return _Reference(HYDROXYL, 1, network)
+def beryllium_hydride(network):
+    return _Reference(BERYLLIUM_HYDRIDE, 1, network)
 
 
 @needs_grid_response
@@ -99,17 +101,17 @@ def test_rks_gradient_equals_finite_differences(water, atom, xyz):
 
 @needs_grid_response
 @pytest.mark.slow
-@pytest.mark.parametrize(('atom', 'xyz'), [(0, 2), (1, 2)], ids=['O-z', 'H-z'])
-def test_uks_gradient_equals_finite_differences(hydroxyl, atom, xyz):
-    assert isinstance(hydroxyl.grad, UKSGradients)
-    numerical = hydroxyl.finite_difference(atom, xyz)
-    assert abs(hydroxyl.de[atom, xyz] - numerical) < FD_TOLERANCE, (hydroxyl.de[atom, xyz], numerical)
+@pytest.mark.parametrize(('atom', 'xyz'), [(0, 2), (1, 2)], ids=['Be-z', 'H-z'])
+def test_uks_gradient_equals_finite_differences(beryllium_hydride, atom, xyz):
+    assert isinstance(beryllium_hydride.grad, UKSGradients)
+    numerical = beryllium_hydride.finite_difference(atom, xyz)
+    assert abs(beryllium_hydride.de[atom, xyz] - numerical) < FD_TOLERANCE, (beryllium_hydride.de[atom, xyz], numerical)
 
 
 @needs_grid_response
 @pytest.mark.slow
-def test_grid_response_makes_the_gradient_translationally_invariant(water, hydroxyl):
-    for ref in (water, hydroxyl):
+def test_grid_response_makes_the_gradient_translationally_invariant(water, beryllium_hydride):
+    for ref in (water, beryllium_hydride):
         assert ref.de.shape == (ref.mol.natm, 3)
         assert abs(ref.de).max() > 1e-3  # a real force, not zeros
         np.testing.assert_allclose(ref.de.sum(0), 0.0, atol=1e-8)
