@@ -132,6 +132,8 @@ def test_no_training_systems():
         ({'max_grad_norm': float('inf')}, '`max_grad_norm` must be a finite number'),
         ({'max_grad_norm': -1.0}, '`max_grad_norm` must be a finite number >= 0'),
         ({'regulariser_weight': float('nan')}, '`regulariser_weight` must be a finite number'),
+        ({'constraint_weight': float('nan')}, '`constraint_weight` must be a finite number'),
+        ({'constraint_weight': -1.0}, '`constraint_weight` must be a finite number >= 0'),
         ({'patience': -1}, '`patience` must be an integer >= 0'),
         ({'patience': 3}, '`patience` .* needs a validation split'),
         ({'warmup_epochs': -2}, '`warmup_epochs` must be an integer >= 0'),

@@ -112,6 +112,9 @@ class TrainConfig:
     validation_fraction: float = 0.0  # share of the training systems held back to decide early stopping
     patience: int = 0  # > 0: stop after this many epochs without a lower validation loss (best weights kept)
     regulariser_orbital_energies: str = 'model'  # see ORBITAL_ENERGIES
+    # μ of the reference-free exact conditions (training/constraints.py): + μ r² per FC/FS system whose integer
+    # sources are among the systems; 0: off
+    constraint_weight: float = 0.0
     # self-consistent evaluation of the initial and trained functional (off by default: SCFs cost minutes)
     scf_evaluation: list = dataclasses.field(default_factory=list)  # [{atom, basis, charge, spin, e_ref, label}]
     fractional_evaluation: dict | None = (
@@ -155,6 +158,7 @@ class TrainConfig:
         floats = {
             'learning_rate': (0.0, False),
             'regulariser_weight': (0.0, True),
+            'constraint_weight': (0.0, True),
             'eta': (0.0, False),
             'max_grad_norm': (0.0, True),
             'validation_fraction': (0.0, True),

@@ -28,10 +28,13 @@ Exit status: 0 trained, 4 interrupted (state saved), 3 non-finite loss, 2 bad in
 
 One optimiser step: the systems of a mini-batch (``batch_size``, in an order drawn from the seeded RNG every
 epoch) each contribute kind_weight · loss / batch_size; each system's backward pass runs on its own, so
-memory holds one system at a time.  Then the gradient is clipped to ``max_grad_norm`` (if > 0), the
-learning rate set by :func:`~.config.learning_rate_at`, and Adam steps.  With a ``validation_fraction`` a
-seeded share of the systems is held back; after every epoch its loss decides the best weights (those are
-returned) and, with ``patience``, early stopping.
+memory holds one system at a time.  With a ``constraint_weight`` μ > 0 each FC/FS system whose integer sources
+are among the systems adds μ r² / batch_size, r its exact condition's residual (:mod:`.constraints`): the
+sources' energies are evaluated without a graph first, and their share of the gradient (−2μ r c_j / batch_size
+per source j) is applied by one more backward pass per source after the batch's systems.  Then the gradient is
+clipped to ``max_grad_norm`` (if > 0), the learning rate set by :func:`~.config.learning_rate_at`, and Adam
+steps.  With a ``validation_fraction`` a seeded share of the systems is held back; after every epoch its loss
+decides the best weights (those are returned) and, with ``patience``, early stopping.
 
 Data parallel: when :mod:`torch.distributed` is initialised (``torchrun``, or ``init_process_group`` with
 gloo on CPUs / NCCL on GPUs) every process takes every ``world_size``-th system of each mini-batch, the
@@ -53,7 +56,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +77,7 @@ from ..runner.common import (
     write_json,
 )
 from .config import EXIT_INTERRUPTED, STOP_SIGNALS, TrainConfig, learning_rate_at, rank_error_file
+from .constraints import Condition, constraint_table
 from .loss import self_consistency_delta
 from .prepared import PreparedData, PreparedDataError, compact_energy, evaluate_fast, prepare_dataset
 from .scf_eval import check_molecules, evaluate_scf, plot_curves
@@ -186,22 +190,34 @@ def evaluate(
     with_regulariser: bool = True,
     device='cpu',
     config: TrainConfig | None = None,
+    constraints: Mapping[int, Condition] | None = None,
 ) -> dict:
     """Errors of E_xc (mHa) per system kind, and the mean |ΔE| (mHa), over systems ``indices`` of ``data``.
 
     ΔE with ``config``'s ``eta`` and ``regulariser_orbital_energies`` (the defaults without a ``config``).
+    With ``constraints`` (:func:`~.constraints.constraint_table`) also the mean |r| of the exact conditions
+    (mHa; ``mae_constraint_fc_mha``, ``mae_constraint_fs_mha``) over the FC/FS systems of ``indices`` there.
     """
     config = config or TrainConfig()
     errors: dict[str, list[float]] = {}
     deltas = []
+    error_of: dict[int, float] = {}
     for i in indices:
         cs = data.load(i, device, with_regulariser)
         energy, v = evaluate_fast(network, cs, with_potential=with_regulariser)
-        errors.setdefault(cs.kind, []).append((energy - cs.target) * HA_TO_MHA)
+        error_of[i] = energy - cs.target
+        errors.setdefault(cs.kind, []).append(error_of[i] * HA_TO_MHA)
         if with_regulariser:
             delta = self_consistency_delta(cs, v, config.eta, config.regulariser_orbital_energies)
             deltas.append(abs(float(delta)) * HA_TO_MHA)
     out = {f'mae_{kind}_mha': float(np.mean(np.abs(v))) for kind, v in errors.items()}
+    residuals: dict[str, list[float]] = {}
+    for i in indices:
+        if constraints and i in constraints:
+            r = constraints[i].residual(error_of[i], lambda j: _error(network, data, j, device, error_of))
+            residuals.setdefault(data.systems[i]['kind'], []).append(abs(r) * HA_TO_MHA)
+    for kind, values in residuals.items():
+        out[f'mae_constraint_{kind}_mha'] = float(np.mean(values))
     every = np.abs(np.concatenate([np.asarray(v) for v in errors.values()]))
     out['mae_all_mha'] = float(np.mean(every))
     out['max_abs_error_mha'] = float(np.max(every))
@@ -210,17 +226,34 @@ def evaluate(
     return out
 
 
-def _validation_loss(network, data: PreparedData, indices, config: TrainConfig, want_reg: bool, device) -> float:
-    """The training objective (kind-weighted mean of (E − target)² + λ ΔE²) over ``indices``, without a graph."""
+def _error(network, data: PreparedData, j: int, device, cache: dict[int, float]) -> float:
+    """E_xc − target (Ha) of system ``j``, without a graph; kept in ``cache``."""
+    if j not in cache:
+        cs = data.load(j, device, False)
+        cache[j] = evaluate_fast(network, cs, with_potential=False)[0] - cs.target
+    return cache[j]
+
+
+def _validation_loss(
+    network, data: PreparedData, indices, config: TrainConfig, want_reg: bool, device, constraints=None
+) -> float:
+    """The training objective (kind-weighted mean of (E − target)² + λ ΔE² + μ r²) over ``indices``, no graph."""
     total = 0.0
+    errors: dict[int, float] = {}
     for i in indices:
         cs = data.load(i, device, want_reg)
         energy, v = evaluate_fast(network, cs, with_potential=want_reg)
-        loss = (energy - cs.target) ** 2
+        errors[i] = energy - cs.target
+        loss = errors[i] ** 2
         if want_reg:
             delta = self_consistency_delta(cs, v, config.eta, config.regulariser_orbital_energies)
             loss += config.regulariser_weight * float(delta) ** 2
         total += config.kind_weights.get(cs.kind, 1.0) * loss
+    if config.constraint_weight > 0 and constraints:
+        for i in indices:
+            if i in constraints:
+                r = constraints[i].residual(errors[i], lambda j: _error(network, data, j, device, errors))
+                total += config.constraint_weight * r**2
     return total / len(indices)
 
 
@@ -353,6 +386,14 @@ def train(
         if rank > 0:
             data = PreparedData(prepared_dir)
     heldout_idx = list(range(len(systems), len(systems) + len(heldout)))
+    constraints, left_out = constraint_table([*systems, *heldout])
+    use_constraints = config.constraint_weight > 0
+    if use_constraints:
+        n_train = sum(i in constraints for i in train_idx)
+        say(
+            f'exact conditions (constraint_weight {config.constraint_weight:g}): {n_train} FC/FS training systems '
+            f'with their integer sources; {len(left_out)} FC/FS systems without them (no condition)'
+        )
     n_points = sum(data.n_points(i) for i in train_idx)
     say(f'{n_points} grid points in the training set, ready in {time.perf_counter() - start:.1f} s')
     optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
@@ -367,6 +408,8 @@ def train(
     }
     if val_idx:
         history['validation_loss'] = []
+    if use_constraints:
+        history['constraint'] = []
     steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
     progress_state = {'epoch': 0, 'global_step': 0, 'stopped_early': False, 'best': None, 'bad_epochs': 0}
     metrics: dict = {}
@@ -380,16 +423,16 @@ def train(
         say(f'resumed from {state_dir} at epoch {progress_state["epoch"]}')
     first_epoch = progress_state['epoch']
     if 'before' not in metrics:  # errors of the initial model, kept across restarts
-        metrics['before'] = {'train': evaluate(network, data, train_idx, want_reg, device, config)}
+        metrics['before'] = {'train': evaluate(network, data, train_idx, want_reg, device, config, constraints)}
         if val_idx:
-            metrics['before']['validation'] = evaluate(network, data, val_idx, want_reg, device, config)
+            metrics['before']['validation'] = evaluate(network, data, val_idx, want_reg, device, config, constraints)
         if heldout_idx:
-            metrics['before']['heldout'] = evaluate(network, data, heldout_idx, want_reg, device, config)
+            metrics['before']['heldout'] = evaluate(network, data, heldout_idx, want_reg, device, config, constraints)
         scf = evaluate_scf(network, config, say) if rank == 0 else {}  # process 0 writes the metrics
         if scf:
             metrics['before']['scf'] = scf
     if val_idx and progress_state['best'] is None:  # the initial model is the first candidate
-        loss = _validation_loss(network, data, val_idx, config, want_reg, device)
+        loss = _validation_loss(network, data, val_idx, config, want_reg, device, constraints)
         progress_state['best'] = {'loss': loss, 'epoch': first_epoch}
         best_weights = {k: v.detach().clone() for k, v in network.state_dict().items()}
 
@@ -421,13 +464,21 @@ def train(
             break
         t_epoch = time.perf_counter()
         order = [train_idx[i] for i in rng.permutation(len(train_idx))]
-        sums = {'loss': 0.0, 'energy_loss': 0.0, 'regulariser': 0.0, 'grad_norm': 0.0}
+        sums = {'loss': 0.0, 'energy_loss': 0.0, 'regulariser': 0.0, 'constraint': 0.0, 'grad_norm': 0.0}
         lr = config.learning_rate
         for first in range(0, len(order), config.batch_size):
             batch = order[first : first + config.batch_size]
             optimizer.zero_grad(set_to_none=True)
             bad = None
-            for index in batch[rank::world]:
+            mine = batch[rank::world]
+            # exact conditions: the sources' errors first, without a graph; their share of the gradient after
+            source_error: dict[int, float] = {}
+            source_grad: dict[int, float] = {}  # ∂(μ Σ r²)/∂err_j, applied to err_j's graph after the systems
+            if use_constraints:
+                for index in mine:
+                    for j, _ in constraints[index].terms if index in constraints else ():
+                        _error(network, data, j, device, source_error)
+            for index in mine:
                 cs = data.load(index, device, want_reg)
                 energy, v_xc = system_energy(network, cs, with_potential=want_reg)
                 energy_loss = (energy - cs.target) ** 2
@@ -436,16 +487,31 @@ def train(
                     regulariser = delta**2
                 else:
                     regulariser = energy.new_zeros(())
-                loss = energy_loss + config.regulariser_weight * regulariser
-                if not torch.isfinite(loss):
-                    bad = NonFiniteLossError(cs.label, epoch, float(loss.detach()))
-                    break
                 weight = config.kind_weights.get(cs.kind, 1.0) / len(batch)
-                (loss * weight if weight != 1.0 else loss).backward()
-                sums['loss'] += float(loss.detach())
+                loss = energy_loss + config.regulariser_weight * regulariser
+                objective = loss * weight if weight != 1.0 else loss
+                constraint = energy.new_zeros(())
+                if use_constraints and index in constraints:
+                    r = constraints[index].residual(energy - cs.target, source_error.__getitem__)
+                    constraint = r**2
+                    objective = objective + config.constraint_weight / len(batch) * constraint
+                    for j, c in constraints[index].terms:
+                        share = -2.0 * config.constraint_weight / len(batch) * float(r.detach()) * c
+                        source_grad[j] = source_grad.get(j, 0.0) + share
+                if not torch.isfinite(objective):
+                    bad = NonFiniteLossError(cs.label, epoch, float(objective.detach()))
+                    break
+                objective.backward()
+                sums['loss'] += float(loss.detach()) + config.constraint_weight * float(constraint.detach())
                 sums['energy_loss'] += float(energy_loss.detach())
                 sums['regulariser'] += float(regulariser.detach())
-                del cs, energy, v_xc, loss
+                sums['constraint'] += float(constraint.detach())
+                del cs, energy, v_xc, loss, objective
+            for j, share in source_grad.items() if bad is None else ():
+                cs = data.load(j, device, False)
+                energy, _ = system_energy(network, cs, with_potential=False)
+                (share * energy).backward()
+                del cs, energy
             if world > 1:  # sum the gradients (and agree on a non-finite loss) over the processes
                 if _all_sum([float(bad is not None)], world)[0] > 0:
                     raise bad or NonFiniteLossError('a system of another process', epoch, float('nan'))
@@ -464,7 +530,7 @@ def train(
             optimizer.step()
             progress_state['global_step'] += 1
         history['epoch'].append(epoch + 1)
-        keys = ('loss', 'energy_loss', 'regulariser')
+        keys = ('loss', 'energy_loss', 'regulariser', *(('constraint',) if use_constraints else ()))
         sums.update(zip(keys, _all_sum([sums[k] for k in keys], world), strict=True))
         for key in keys:
             history[key].append(sums[key] / len(train_idx))
@@ -472,7 +538,7 @@ def train(
         history['learning_rate'].append(lr)
         note = ''
         if val_idx:
-            val = _validation_loss(network, data, val_idx, config, want_reg, device)
+            val = _validation_loss(network, data, val_idx, config, want_reg, device, constraints)
             history['validation_loss'].append(val)
             if val < progress_state['best']['loss']:
                 progress_state['best'] = {'loss': val, 'epoch': epoch + 1}
@@ -504,11 +570,11 @@ def train(
         metrics['best_validation_loss'] = progress_state['best']['loss']
         if progress_state['stopped_early']:
             metrics['stopped_early_at_epoch'] = progress_state['epoch']
-    metrics['after'] = {'train': evaluate(network, data, train_idx, want_reg, device, config)}
+    metrics['after'] = {'train': evaluate(network, data, train_idx, want_reg, device, config, constraints)}
     if val_idx:
-        metrics['after']['validation'] = evaluate(network, data, val_idx, want_reg, device, config)
+        metrics['after']['validation'] = evaluate(network, data, val_idx, want_reg, device, config, constraints)
     if heldout_idx:
-        metrics['after']['heldout'] = evaluate(network, data, heldout_idx, want_reg, device, config)
+        metrics['after']['heldout'] = evaluate(network, data, heldout_idx, want_reg, device, config, constraints)
     scf = evaluate_scf(network, config, say) if rank == 0 else {}
     if scf:
         metrics['after']['scf'] = scf
