@@ -102,19 +102,24 @@ def test_end_to_end_quick(isolated, tmp_path):
     assert 'reference CalcJobs reached 3 / run 3 (ok 3)' in done.stdout and ': OK' in done.stdout
 
 
+@pytest.mark.parametrize('flag', ['regulariser-weight', 'constraint-weight'])
 @pytest.mark.parametrize('value', ['-1', 'nan', 'inf', 'heavy'])
-def test_a_bad_regulariser_weight_is_refused_before_anything_runs(value, capsys):
-    """``--regulariser-weight`` must be a finite number >= 0: argparse refuses it (exit 2) with the value named."""
+def test_a_bad_loss_weight_is_refused_before_anything_runs(flag, value, capsys):
+    """``--regulariser-weight`` and ``--constraint-weight`` must be finite numbers >= 0: argparse refuses anything
+    else (exit 2) with the value named; a good one reaches the training parameters."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location('end_to_end', SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.parse_args(['--regulariser-weight', '100']).regulariser_weight == 100.0
+    args = module.parse_args([f'--{flag}', '100'])
+    key = flag.replace('-', '_')
+    assert getattr(args, key) == 100.0
+    assert module.training_parameters(args, dict.fromkeys(module.HELDOUT_SCF, -1.0))[key] == 100.0
     with pytest.raises(SystemExit) as info:
-        module.parse_args(['--regulariser-weight', value])
+        module.parse_args([f'--{flag}', value])
     assert info.value.code == 2
-    assert f"argument --regulariser-weight: '{value}'" in capsys.readouterr().err
+    assert f"argument --{flag}: '{value}'" in capsys.readouterr().err
 
 
 def test_the_reference_basis_defaults_to_cc_pvqz_and_none_keeps_the_densities_basis():
