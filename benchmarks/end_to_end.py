@@ -306,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         'deltas': args.deltas,
         'spin_fractions': args.spin_fractions,
         'reference_batch': args.reference_batch,
+        'with_sources': args.constraint_weight > 0,
         'profile': orm.User.collection.get_default().email,
         'cpus': os.cpu_count(),
     }
@@ -339,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.reference_basis is not None:
                 builder.reference_basis = orm.Str(args.reference_basis)
             builder.deltas = orm.List(args.deltas)
+            # the exact conditions need every FC/FS system's integer sources among the systems (light's cations)
+            builder.with_sources = orm.Bool(args.constraint_weight > 0)
             builder.spin_fractions = orm.List(args.spin_fractions)
             builder.batch_size = orm.Int(args.reference_batch)
             builder.max_concurrent = orm.Int(4)

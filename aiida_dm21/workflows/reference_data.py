@@ -330,6 +330,13 @@ class ReferenceDataWorkChain(WorkChain):
             validator=validate_density_method,
             help=f"Where every species' density comes from: {', '.join(DENSITY_METHODS)} (case-insensitive).",
         )
+        spec.input(
+            'with_sources',
+            valid_type=orm.Bool,
+            default=lambda: orm.Bool(False),
+            help='Also put every species a fractional system is built from among the integer systems (the exact '
+            "conditions of the training's `constraint_weight` need them; their absolute energies are fitted too).",
+        )
         spec.input('deltas', valid_type=orm.List, default=lambda: orm.List([0.25, 0.5, 0.75]))
         spec.input('spin_fractions', valid_type=orm.List, default=lambda: orm.List([0.25, 0.5]))
         spec.input(
@@ -548,7 +555,7 @@ class ReferenceDataWorkChain(WorkChain):
         params = {
             'fractional_charge': definition.get('fractional_charge', []),
             'fractional_spin': definition.get('fractional_spin', []),
-            'integer': definition.get('integer', []),
+            'integer': _integer_species(definition, self.inputs.with_sources.value),
             'deltas': self.inputs.deltas.get_list(),
             'spin_fractions': self.inputs.spin_fractions.get_list(),
         }
@@ -568,6 +575,16 @@ class ReferenceDataWorkChain(WorkChain):
         dataset = build_fractional_dataset(orm.Dict(params_keys), **arrays)
         self.report(f'dataset<{dataset.pk}>: {dataset.n_systems} systems {dataset.kinds}')
         self.out('dataset', dataset)
+
+
+def _integer_species(definition: dict, with_sources: bool) -> list[str]:
+    """The integer systems of ``definition``; ``with_sources``: then every FC/FS source not among them, in order."""
+    labels = list(definition.get('integer', []))
+    if with_sources:
+        for pair in definition.get('fractional_charge', []):
+            labels += [label for label in pair if label not in labels]
+        labels += [label for label in definition.get('fractional_spin', []) if label not in labels]
+    return labels
 
 
 def _outputs_of(node: orm.ProcessNode) -> dict[str, orm.Node]:

@@ -215,6 +215,28 @@ def test_workchain_batches_throttles_and_links_the_dataset(reference_code):
     assert [reference_labels(r) for r in lineage.references] == [['H+', 'H'], ['He+']]
 
 
+def test_with_sources_the_dataset_holds_every_fractional_systems_integer_sources(reference_code):
+    """with_sources: H+ and H (FC[H+->H]'s endpoints) join He+ as integer systems, and every condition of the
+    training's constraint_weight then finds its sources; without it (the test above) FC[H+->H] has none."""
+    from aiida_dm21.training.constraints import constraint_table
+    from aiida_dm21.workflows.reference_data import _integer_species
+
+    definition = {'fractional_charge': [['H+', 'H']], 'fractional_spin': ['H'], 'integer': ['He+', 'H']}
+    assert _integer_species(definition, False) == ['He+', 'H']
+    assert _integer_species(definition, True) == ['He+', 'H', 'H+']
+
+    results, node = _reference_data(reference_code, batch_size=orm.Int(3), with_sources=orm.Bool(True))
+    assert node.is_finished_ok, node.exit_message
+    dataset = results['dataset']
+    assert dataset.n_systems == 4 and dataset.kinds == {'fc': 1, 'integer': 3}
+    systems = dataset.load_systems()
+    assert sorted(s.label for s in systems if s.kind == 'integer') == ['H', 'H+', 'He+']
+    table, left_out = constraint_table(systems)
+    assert left_out == [] and len(table) == 1
+    (condition,) = table.values()
+    assert sorted(systems[j].label for j, _ in condition.terms) == ['H', 'H+'] and abs(condition.offset) < 1e-12
+
+
 def test_workchain_retries_a_failed_species_alone_then_reports_it(failing_code):
     code, attempts = failing_code({'H': 99, 'He+': 99})  # fail every time, on the compute node only
     results, node = _reference_data(code, batch_size=orm.Int(3))
