@@ -117,3 +117,24 @@ def test_aiida_overhead_on_postgresql_with_ten_electron_species(tmp_path):
     with psycopg.connect(connect) as connection:
         after = {row[0] for row in connection.execute('SELECT datname FROM pg_database')}
     assert after == before  # the benchmark's database is gone
+
+
+EXACT_CONDITIONS = SCF_SPEED.with_name('exact_conditions.py')
+
+
+@pytest.mark.parametrize(
+    ('args', 'message'),
+    [
+        (['--weights', '0,nan'], 'every weight must be a finite number >= 0'),
+        (['--weights', '-1'], 'every weight must be a finite number >= 0'),
+        (['--weights', 'heavy'], 'expected numbers separated by commas'),
+        (['--deltas', '0.5,inf'], 'every weight must be a finite number >= 0'),
+        (['--deltas', '0.5,1'], 'every δ must lie strictly between 0 and 1'),
+    ],
+)
+def test_exact_conditions_refuses_bad_weights_before_any_work(args, message):
+    result = subprocess.run(
+        [sys.executable, str(EXACT_CONDITIONS), *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
