@@ -11,6 +11,7 @@ straight line, at fixed densities.
 
     python benchmarks/exact_conditions.py                       # μ = 0, 1, 10; cc-pVTZ targets; ~15 min, 2 cores
     python benchmarks/exact_conditions.py --weights 0,10 --epochs 3 --reference-basis none
+    python benchmarks/exact_conditions.py --weights 0,100 --epochs 4 --reference-basis none --scf-curve
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from aiida_dm21.reference.fractional import fractional_charge_systems, fractiona
 from aiida_dm21.reference.integer import IntegerSpec, run_integer_system
 from aiida_dm21.reference.sets import get_set
 from aiida_dm21.training.config import TrainConfig
+from aiida_dm21.training.scf_eval import evaluate_scf
 from aiida_dm21.training.train import train
 
 BASIS = '6-31g'
 KEYS = ('fc', 'fs', 'integer', 'constraint_fc', 'constraint_fs')
+CURVE = {'atom': 'O 0 0 0', 'basis': BASIS, 'charge': 1, 'spin': 3, 'spin_next': 2, 'label': 'O+ -> O'}
 
 
 def _weights(text: str) -> list[float]:
@@ -62,6 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--deltas', type=_fractions, default=[0.25, 0.5, 0.75], help='FC fractions δ')
     parser.add_argument('--workdir', type=Path, default=Path('exact_conditions_work'), help='prepared data go here')
     parser.add_argument('--summary', type=Path, default=None, help='write the results as JSON to this file')
+    parser.add_argument(
+        '--scf-curve',
+        action='store_true',
+        help='also the self-consistent O+ -> O curve E(N+δ), δ = 0, ¼ … 1, of DM21m and of each trained network',
+    )
     args = parser.parse_args(argv)
     if args.reference_basis.lower() in ('none', BASIS):
         args.reference_basis = None
@@ -108,6 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     heldout = build('light_heldout', args.reference_basis, args.deltas, say)
     prepared = args.workdir / f'prepared-level{args.grid_level}'
     rows = {}
+    curves = {}
+
+    def curve(name: str, net) -> None:  # on the training grid
+        config = TrainConfig.from_dict({'grid_level': args.grid_level, 'fractional_evaluation': CURVE})
+        curves[name] = evaluate_scf(net, config)['fractional_charge']
+
+    if args.scf_curve:
+        curve('DM21m', network)
     for mu in args.weights:
         config = TrainConfig.from_dict(
             {
@@ -127,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         result = train(train_systems, config, network, heldout=heldout, prepared_dir=prepared, progress=None)
         rows[mu] = {'metrics': result.metrics, 'wall_s': time.perf_counter() - t}
         say(f'μ = {mu:g}: trained in {rows[mu]["wall_s"]:.0f} s')
+        if args.scf_curve:
+            curve(f'μ = {mu:g}', result.network)
     print(
         f'\n== fixed-density MAE (mHa), DM21m -> fine-tuned ({len(train_systems)} training systems, '
         f'{len(heldout)} held out; {args.epochs} epochs; targets CCSD(T)/{args.reference_basis or BASIS}) =='
@@ -145,10 +163,18 @@ def main(argv: list[str] | None = None) -> int:
                     f'{k} {after[f"mae_{k}_mha"] / base[f"mae_{k}_mha"]:.2f}' for k in ('constraint_fc', 'fc', 'fs')
                 )
                 print(f'held-out after, μ = {mu:g} / μ = 0: {ratios}')
+    if curves:
+        print(f'\n== SCF {CURVE["label"]} (grid level {args.grid_level}): E(N+δ) − linear (mHa), δ = 0, ¼, ½, ¾, 1 ==')
+        for name, fc in curves.items():
+            points = ' '.join(
+                f'{d:7.2f}{"" if ok else "*"}' for d, ok in zip(fc['deviation_mha'], fc['converged'], strict=True)
+            )
+            print(f'{name:<10} {points}   max {fc["max_abs_deviation_mha"]:.2f}   (* not converged)')
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f'peak RSS {peak:.0f} MB; total {time.perf_counter() - start:.0f} s')
     if args.summary:
-        args.summary.write_text(json.dumps({str(k): v for k, v in rows.items()}, indent=1, default=str))
+        results = {'training': {str(k): v for k, v in rows.items()}, 'scf_curves': curves}
+        args.summary.write_text(json.dumps(results, indent=1, default=str))
     return 0
 
 
