@@ -212,10 +212,8 @@ def evaluate(
             deltas.append(abs(float(delta)) * HA_TO_MHA)
     out = {f'mae_{kind}_mha': float(np.mean(np.abs(v))) for kind, v in errors.items()}
     residuals: dict[str, list[float]] = {}
-    for i in indices:
-        if constraints and i in constraints:
-            r = constraints[i].residual(error_of[i], lambda j: _error(network, data, j, device, error_of))
-            residuals.setdefault(data.systems[i]['kind'], []).append(abs(r) * HA_TO_MHA)
+    for i, r in _residuals(network, data, indices, constraints, error_of, device).items():
+        residuals.setdefault(data.systems[i]['kind'], []).append(abs(r) * HA_TO_MHA)
     for kind, values in residuals.items():
         out[f'mae_constraint_{kind}_mha'] = float(np.mean(values))
     every = np.abs(np.concatenate([np.asarray(v) for v in errors.values()]))
@@ -234,6 +232,15 @@ def _error(network, data: PreparedData, j: int, device, cache: dict[int, float])
     return cache[j]
 
 
+def _residuals(network, data: PreparedData, indices, constraints, errors: dict[int, float], device) -> dict[int, float]:
+    """r (Ha) of the systems of ``indices`` that have a condition; ``errors`` holds theirs, sources are added."""
+    return {
+        i: constraints[i].residual(errors[i], lambda j: _error(network, data, j, device, errors))
+        for i in indices
+        if constraints and i in constraints
+    }
+
+
 def _validation_loss(
     network, data: PreparedData, indices, config: TrainConfig, want_reg: bool, device, constraints=None
 ) -> float:
@@ -249,11 +256,9 @@ def _validation_loss(
             delta = self_consistency_delta(cs, v, config.eta, config.regulariser_orbital_energies)
             loss += config.regulariser_weight * float(delta) ** 2
         total += config.kind_weights.get(cs.kind, 1.0) * loss
-    if config.constraint_weight > 0 and constraints:
-        for i in indices:
-            if i in constraints:
-                r = constraints[i].residual(errors[i], lambda j: _error(network, data, j, device, errors))
-                total += config.constraint_weight * r**2
+    if config.constraint_weight > 0:
+        residuals = _residuals(network, data, indices, constraints, errors, device)
+        total += config.constraint_weight * sum(r**2 for r in residuals.values())
     return total / len(indices)
 
 
