@@ -14,7 +14,7 @@ RabbitMQ (the production set-up), in a private ``AIIDA_PATH`` (``backend_driver.
 
 The second run must finish with exit 0 and have exactly the CalcJobs of the first: one per iteration label
 (``iteration_01`` ... ``iteration_04``), none lost, none twice, each finished once with the same exit status,
-inputs and energy (to :data:`SAME_ENERGY` Ha), each restarted from its predecessor's density, and no CalcJob
+inputs and energy (to :data:`SAME_ENERGY` Ha converged, :data:`UNCONVERGED_ENERGY` not), each restarted from its predecessor's density, and no CalcJob
 outside the two workchains.  A handler applied twice (a step that is not idempotent on reload) would show as different
 parameters (e.g. ``max_cycle`` doubled twice).
 """
@@ -40,12 +40,18 @@ pytestmark = pytest.mark.aiida
 LABELS = ['iteration_01', 'iteration_02', 'iteration_03', 'iteration_04']
 #: what a CalcJob has to have for the energies of two runs to be compared
 COMPARED = ('label', 'exit_status', 'inputs', 'cycles', 'converged')
-#: Ha: how far apart two runs of one CalcJob may end.  The jobs are identical (inputs, cycles and restart densities
-#: are compared exactly); their energies are bitwise equal on the development machine (threads 1 or 2, cold or warm
-#: numba cache, different heap layouts: 1e-15 Ha), but on the CI machine the first CalcJob of the two chains once
-#: ended 6.9e-7 Ha apart (-7.7949883084 vs -7.7949890006 Ha, after one cycle): the float32 network's last bits, cause
-#: not found.  A density restarted from the wrong predecessor, or a handler applied twice, moves them by far more.
+#: Ha: how far apart two runs of the converged CalcJob (the last one) may end.  Converged to ``conv_tol``, it does
+#: not remember the noise of the path (here 1e-10 Ha apart between the two chains).
 SAME_ENERGY = 2e-6
+#: Ha: how far apart two runs of an unconverged CalcJob may end.  The jobs are identical (inputs, cycles and restart
+#: densities are compared exactly) and end bitwise equal on the development machine (threads 1 or 2, cold or warm
+#: numba cache, other heap layouts, oneDNN or MKL, fused kernels or PyTorch's), but on the CI machine the first
+#: CalcJob of the two chains twice ended apart: 6.9e-7 Ha (-7.7949883084 vs -7.7949890006), and 2.6e-5 Ha
+#: (-7.7950145873 vs -7.7949890006): DM21 at the core-Hamiltonian guess already differed by 2.7e-6 Ha, and one
+#: undamped cycle (|ddm| 1.6) amplified it ten times.  The cause of the 2.7e-6 (the float32 network's last bits on
+#: that CPU, about 30 times what switching any back end moves here) is not found.  The chain's iterations are
+#: 1e-3 to 0.24 Ha apart, so a job that ran another iteration's computation is still caught.
+UNCONVERGED_ENERGY = 1e-4
 
 
 def _module_file_seen_by(process) -> str:
@@ -81,11 +87,13 @@ def _check_chain(summary: dict, logs: str) -> None:
 
 
 def _check_same_jobs(undisturbed: dict, disturbed: dict) -> None:
-    """The two chains ran the same CalcJobs: the same :data:`COMPARED` entries, energies within :data:`SAME_ENERGY`."""
+    """The two chains ran the same CalcJobs: the same :data:`COMPARED` entries, energies within :data:`SAME_ENERGY`
+    (converged) or :data:`UNCONVERGED_ENERGY`."""
     for calm, shaken in zip(undisturbed['calcjobs'], disturbed['calcjobs'], strict=True):
         assert {key: shaken[key] for key in COMPARED} == {key: calm[key] for key in COMPARED}
         print(f'{calm["label"]}: e_tot {calm["e_tot"]!r} (undisturbed), {shaken["e_tot"]!r} (disturbed)')
-        assert abs(shaken['e_tot'] - calm['e_tot']) < SAME_ENERGY, (calm, shaken)
+        tolerance = SAME_ENERGY if calm['converged'] else UNCONVERGED_ENERGY
+        assert abs(shaken['e_tot'] - calm['e_tot']) < tolerance, (calm, shaken)
     assert disturbed['e_tot'] == disturbed['calcjobs'][-1]['e_tot']
     assert abs(disturbed['e_tot'] - undisturbed['e_tot']) < SAME_ENERGY
 
@@ -206,18 +214,29 @@ def test_check_chain_catches(damage):
         _check_chain(_summary(jobs), '')
 
 
-@pytest.mark.parametrize('shift', [0.0, 1e-6, 1e-5])
-def test_check_same_jobs_catches_other_energies(shift):
-    """Energies 1e-6 Ha apart (the noise seen in CI) pass; 1e-5 Ha apart (another computation) do not."""
+@pytest.mark.parametrize(
+    ('which', 'shift', 'passes'),
+    [
+        ('all', 0.0, True),
+        ('all', 1e-6, True),
+        ('unconverged', 2.6e-5, True),  # the noise seen in CI after one cycle from the guess
+        ('unconverged', 1e-3, False),  # another iteration's computation
+        ('converged', 1e-5, False),  # a converged energy that moved
+        ('all', 1e-5, False),
+    ],
+)
+def test_check_same_jobs_catches_other_energies(which, shift, passes):
+    """Noise of the unconverged jobs passes, another computation or a converged energy that moved does not."""
     calm = _summary(
-        [{**job, 'cycles': job['inputs']['max_cycle'], 'e_tot': -7.79 - 1e-3 * i} for i, job in enumerate(_jobs())]
+        [{**job, 'cycles': job['inputs']['max_cycle'], 'e_tot': -7.79 - 1e-2 * i} for i, job in enumerate(_jobs())]
     )
     calm['e_tot'] = calm['calcjobs'][-1]['e_tot']
     shaken = _summary(copy.deepcopy(calm['calcjobs']))
     for job in shaken['calcjobs']:
-        job['e_tot'] += shift
+        if which == 'all' or (which == 'converged') == job['converged']:
+            job['e_tot'] += shift
     shaken['e_tot'] = shaken['calcjobs'][-1]['e_tot']
-    if shift < SAME_ENERGY:
+    if passes:
         _check_same_jobs(calm, shaken)
     else:
         with pytest.raises(AssertionError):
