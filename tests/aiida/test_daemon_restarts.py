@@ -14,9 +14,9 @@ RabbitMQ (the production set-up), in a private ``AIIDA_PATH`` (``backend_driver.
 
 The second run must finish with exit 0 and have exactly the CalcJobs of the first: one per iteration label
 (``iteration_01`` ... ``iteration_04``), none lost, none twice, each finished once with the same exit status,
-inputs and energy (to :data:`SAME_ENERGY` Ha converged, :data:`UNCONVERGED_ENERGY` not), each restarted from its predecessor's density, and no CalcJob
-outside the two workchains.  A handler applied twice (a step that is not idempotent on reload) would show as different
-parameters (e.g. ``max_cycle`` doubled twice).
+inputs and energy (to :data:`SAME_ENERGY` Ha converged, :data:`UNCONVERGED_ENERGY` not), each restarted from its
+predecessor's density, and no CalcJob outside the two workchains.  A handler applied twice (a step that is not
+idempotent on reload) would show as different parameters (e.g. ``max_cycle`` doubled twice).
 """
 
 from __future__ import annotations
