@@ -75,6 +75,27 @@ def _kind_weights(text: str) -> dict[str, float]:
     return {**dict.fromkeys(KINDS, 1.0), **weights}
 
 
+def _fraction_list(low_open: float, high: float, closed: bool, what: str):
+    """argparse type: a comma list of fractions in (``low_open``, ``high``) (``high`` included if ``closed``)."""
+
+    def parse(text: str) -> list[float]:
+        values = []
+        for item in filter(None, (part.strip() for part in text.split(','))):
+            try:
+                value = float(item)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f'{text!r}: {item!r} is not a number') from None
+            if not (low_open < value < high or (closed and value == high)):
+                bound = ']' if closed else ')'
+                raise argparse.ArgumentTypeError(f'{text!r}: every {what} must lie in ({low_open:g}, {high:g}{bound}')
+            values.append(value)
+        if not values:
+            raise argparse.ArgumentTypeError(f'{text!r}: no {what} given')
+        return sorted(set(values))
+
+    return parse
+
+
 def _steps(start: float, stop: float, step: float) -> list[float]:
     return [round(start + i * step, 6) for i in range(round((stop - start) / step) + 1)]
 
@@ -112,6 +133,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help='μ of the reference-free exact conditions of the FC/FS systems (default 0: off)',
     )
+    parser.add_argument(
+        '--deltas',
+        type=_fraction_list(0.0, 1.0, False, 'δ'),
+        default=None,
+        help='FC fractions δ, comma-separated (default 0.05 … 0.95 in steps of 0.05; quick 0.5)',
+    )
+    parser.add_argument(
+        '--spin-fractions',
+        type=_fraction_list(0.0, 0.5, True, 'spin fraction'),
+        default=None,
+        help='FS spin fractions, comma-separated (default 0.025 … 0.5 in steps of 0.025; quick 0.5)',
+    )
     parser.add_argument('--batch-size', type=int, default=None, help='systems per step (default 8; quick 4)')
     parser.add_argument('--patience', type=int, default=None, help='early stopping (default 2; quick 1)')
     parser.add_argument('--validation-fraction', type=float, default=None, help='default 0.1; quick 0.2')
@@ -133,8 +166,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.reference_basis = 'none' if quick else 'cc-pvqz'
     if args.reference_basis.strip().lower() in ('none', '', BASIS):
         args.reference_basis = None
-    args.deltas = [0.5] if quick else _steps(0.05, 0.95, 0.05)
-    args.spin_fractions = [0.5] if quick else _steps(0.025, 0.5, 0.025)
+    if args.deltas is None:
+        args.deltas = [0.5] if quick else _steps(0.05, 0.95, 0.05)
+    if args.spin_fractions is None:
+        args.spin_fractions = [0.5] if quick else _steps(0.025, 0.5, 0.025)
     if args.img_dir is None and not quick:
         args.img_dir = Path(__file__).resolve().parents[1] / 'docs' / 'img'
     return args

@@ -122,6 +122,31 @@ def test_a_bad_loss_weight_is_refused_before_anything_runs(flag, value, capsys):
     assert f"argument --{flag}: '{value}'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ('flag', 'value'),
+    [
+        *[('deltas', v) for v in ('0', '1', '0.5,1.2', 'nan', ',', 'half')],
+        *[('spin-fractions', v) for v in ('0', '0.6', '-0.1', 'inf')],
+    ],
+)
+def test_fractions_outside_their_range_are_refused(flag, value, capsys):
+    """``--deltas`` lie in (0, 1) and ``--spin-fractions`` in (0, 1/2]: anything else is refused (exit 2), named;
+    good lists are sorted and reach the arguments, and the defaults stay the 19 δ and 20 spin fractions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location('end_to_end', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(['--deltas', '0.75,0.25', '--spin-fractions', '0.5'])
+    assert args.deltas == [0.25, 0.75] and args.spin_fractions == [0.5]
+    default = module.parse_args([])
+    assert len(default.deltas) == 19 and len(default.spin_fractions) == 20 and default.spin_fractions[-1] == 0.5
+    with pytest.raises(SystemExit) as info:
+        module.parse_args([f'--{flag}', value])
+    assert info.value.code == 2
+    assert f"argument --{flag}: '{value}'" in capsys.readouterr().err
+
+
 def test_the_reference_basis_defaults_to_cc_pvqz_and_none_keeps_the_densities_basis():
     import importlib.util
 
