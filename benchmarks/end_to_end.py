@@ -75,22 +75,22 @@ def _kind_weights(text: str) -> dict[str, float]:
     return {**dict.fromkeys(KINDS, 1.0), **weights}
 
 
-def _fraction_list(low_open: float, high: float, closed: bool, what: str):
-    """argparse type: a comma list of fractions in (``low_open``, ``high``) (``high`` included if ``closed``)."""
+def _fraction_list(name: str):
+    """argparse type: a comma list for the ``dm21.reference_data`` input ``name``, refused as the workchain refuses
+    it (:func:`~aiida_dm21.workflows.reference_data.fractions_problem`), sorted."""
 
     def parse(text: str) -> list[float]:
+        from aiida_dm21.workflows.reference_data import fractions_problem
+
         values = []
         for item in filter(None, (part.strip() for part in text.split(','))):
             try:
-                value = float(item)
+                values.append(float(item))
             except ValueError:
                 raise argparse.ArgumentTypeError(f'{text!r}: {item!r} is not a number') from None
-            if not (low_open < value < high or (closed and value == high)):
-                bound = ']' if closed else ')'
-                raise argparse.ArgumentTypeError(f'{text!r}: every {what} must lie in ({low_open:g}, {high:g}{bound}')
-            values.append(value)
-        if not values:
-            raise argparse.ArgumentTypeError(f'{text!r}: no {what} given')
+        problem = fractions_problem(name, values)
+        if problem:
+            raise argparse.ArgumentTypeError(f'{text!r}: {problem}')
         return sorted(set(values))
 
     return parse
@@ -135,13 +135,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         '--deltas',
-        type=_fraction_list(0.0, 1.0, False, 'δ'),
+        type=_fraction_list('deltas'),
         default=None,
         help='FC fractions δ, comma-separated (default 0.05 … 0.95 in steps of 0.05; quick 0.5)',
     )
     parser.add_argument(
         '--spin-fractions',
-        type=_fraction_list(0.0, 0.5, True, 'spin fraction'),
+        type=_fraction_list('spin_fractions'),
         default=None,
         help='FS spin fractions, comma-separated (default 0.025 … 0.5 in steps of 0.025; quick 0.5)',
     )

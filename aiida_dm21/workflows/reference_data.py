@@ -131,8 +131,14 @@ def atoms_of(atom: str) -> tuple[list[str], list[list[float]]]:
 FRACTIONAL_KEYS = ('fractional_charge', 'fractional_spin', 'integer', 'reference_method')
 
 
-def _fractions(name: str, value: t.Any, low: float, high: float, high_open: bool) -> str | None:
-    """``None`` if ``value`` is a non-empty list of finite numbers in (low, high) or (low, high]."""
+#: (low, high, whether high is excluded) of the workchain's ``deltas`` and ``spin_fractions``
+FRACTION_BOUNDS = {'deltas': (0.0, 1.0, True), 'spin_fractions': (0.0, 0.5, False)}
+
+
+def fractions_problem(name: str, value: t.Any) -> str | None:
+    """Why ``value`` cannot be the input ``name`` (``deltas`` or ``spin_fractions``), or ``None``: it must be a
+    non-empty list of finite numbers within :data:`FRACTION_BOUNDS`."""
+    low, high, high_open = FRACTION_BOUNDS[name]
     interval = f'({low}, {high}{")" if high_open else "]"}'
     if not isinstance(value, list) or not value:
         return f'`{name}` must be a non-empty list of numbers in {interval}, got {value!r}'
@@ -211,9 +217,9 @@ def validate_inputs(inputs: dict, _: t.Any = None) -> str | None:
                 '(`deltas` and `spin_fractions` are inputs of the workchain)'
             )
         definition = {'species': inputs['species'].get_list(), **fractional}
-    for name, low, high, high_open in (('deltas', 0.0, 1.0, True), ('spin_fractions', 0.0, 0.5, False)):
+    for name in FRACTION_BOUNDS:
         if name in inputs:
-            problem = _fractions(name, inputs[name].get_list(), low, high, high_open)
+            problem = fractions_problem(name, inputs[name].get_list())
             if problem:
                 return problem
     basis = inputs['basis'].value if 'basis' in inputs else '6-31g'
