@@ -40,6 +40,7 @@ import threading
 import time
 from pathlib import Path
 
+from aiida_dm21.reference.constants import fractions_problem  # light: no PySCF
 from aiida_dm21.training.config import KINDS  # light: no PyTorch
 
 TRAIN_SET, HELDOUT_SET = 'light_train', 'light_heldout'
@@ -77,11 +78,9 @@ def _kind_weights(text: str) -> dict[str, float]:
 
 def _fraction_list(name: str):
     """argparse type: a comma list for the ``dm21.reference_data`` input ``name``, refused as the workchain refuses
-    it (:func:`~aiida_dm21.workflows.reference_data.fractions_problem`), sorted."""
+    it (:func:`~aiida_dm21.reference.constants.fractions_problem`), sorted."""
 
     def parse(text: str) -> list[float]:
-        from aiida_dm21.workflows.reference_data import fractions_problem
-
         values = []
         for item in filter(None, (part.strip() for part in text.split(','))):
             try:

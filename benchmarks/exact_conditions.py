@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from aiida_dm21.functional.checkpoint import load_network
+from aiida_dm21.reference.constants import fractions_problem
 from aiida_dm21.reference.fractional import fractional_charge_systems, fractional_spin_systems, integer_system
 from aiida_dm21.reference.integer import IntegerSpec, run_integer_system
 from aiida_dm21.reference.sets import get_set
@@ -48,9 +49,14 @@ def _weights(text: str) -> list[float]:
 
 
 def _fractions(text: str) -> list[float]:
-    values = _weights(text)
-    if any(not 0 < v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f'{text!r}: every δ must lie strictly between 0 and 1')
+    """argparse type of ``--deltas``: refused as ``dm21.reference_data`` refuses its ``deltas``."""
+    try:
+        values = [float(x) for x in text.split(',') if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r}: expected numbers separated by commas') from None
+    problem = fractions_problem('deltas', values)
+    if problem:
+        raise argparse.ArgumentTypeError(f'{text!r}: {problem}')
     return values
 
 

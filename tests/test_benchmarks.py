@@ -128,8 +128,11 @@ EXACT_CONDITIONS = SCF_SPEED.with_name('exact_conditions.py')
         (['--weights', '0,nan'], 'every weight must be a finite number >= 0'),
         (['--weights', '-1'], 'every weight must be a finite number >= 0'),
         (['--weights', 'heavy'], 'expected numbers separated by commas'),
-        (['--deltas', '0.5,inf'], 'every weight must be a finite number >= 0'),
-        (['--deltas', '0.5,1'], 'every δ must lie strictly between 0 and 1'),
+        (['--deltas', '0.5,inf'], '`deltas` must hold finite numbers in (0.0, 1.0), got inf'),
+        (['--deltas', '0.5,1'], '`deltas`: 1.0 is outside (0.0, 1.0)'),
+        (['--deltas', '0'], '`deltas`: 0.0 is outside (0.0, 1.0)'),
+        (['--deltas', ','], '`deltas` must be a non-empty list of numbers in (0.0, 1.0), got []'),
+        (['--deltas', 'half'], 'expected numbers separated by commas'),
     ],
 )
 def test_exact_conditions_refuses_bad_weights_before_any_work(args, message):

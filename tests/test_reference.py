@@ -215,3 +215,30 @@ def test_the_runner_refuses_a_reference_basis_that_is_not_a_name(tmp_path, value
     assert info.value.category == 'unsupported_input'
     path.write_text(json.dumps({**data, 'reference_basis': 'cc-pvtz'}))
     assert read_input(path)['reference_basis'] == 'cc-pvtz'
+
+
+@pytest.mark.parametrize(
+    ('name', 'value', 'message'),
+    [
+        ('deltas', [0.5, 1.0], '`deltas`: 1.0 is outside (0.0, 1.0)'),
+        ('deltas', [0], '`deltas`: 0 is outside (0.0, 1.0)'),
+        ('deltas', [-0.25], '`deltas`: -0.25 is outside (0.0, 1.0)'),
+        ('deltas', [float('nan')], '`deltas` must hold finite numbers in (0.0, 1.0), got nan'),
+        ('deltas', [True], '`deltas` must hold finite numbers in (0.0, 1.0), got True'),
+        ('deltas', ['0.5'], "`deltas` must hold finite numbers in (0.0, 1.0), got '0.5'"),
+        ('deltas', [], '`deltas` must be a non-empty list of numbers in (0.0, 1.0), got []'),
+        ('deltas', 0.5, '`deltas` must be a non-empty list of numbers in (0.0, 1.0), got 0.5'),
+        ('spin_fractions', [0.6], '`spin_fractions`: 0.6 is outside (0.0, 0.5]'),
+        ('spin_fractions', [0.0], '`spin_fractions`: 0.0 is outside (0.0, 0.5]'),
+        ('spin_fractions', [float('inf')], '`spin_fractions` must hold finite numbers in (0.0, 0.5], got inf'),
+    ],
+)
+def test_fractions_outside_their_interval_are_named(name, value, message):
+    """The one interval check of FC δ and FS fractions (the workchain's and the scripts'), without PySCF or AiiDA:
+    each refusal with the input it exists to refuse; the edges that belong (δ near 0 and 1, a spin fraction of ½)
+    pass."""
+    from aiida_dm21.reference.constants import fractions_problem
+
+    assert fractions_problem(name, value) == message
+    assert fractions_problem('deltas', [1e-9, 0.5, 1 - 1e-9]) is None
+    assert fractions_problem('spin_fractions', [1e-9, 0.25, 0.5]) is None

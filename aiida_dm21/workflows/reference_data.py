@@ -20,7 +20,6 @@ the species.
 
 from __future__ import annotations
 
-import math
 import typing as t
 
 from aiida import orm
@@ -33,8 +32,10 @@ from aiida_dm21.calculations.scf import validate_structure
 from aiida_dm21.data.dataset import DM21DatasetData
 from aiida_dm21.reference.constants import (  # no PySCF: frame_molecule is imported when used
     DENSITY_METHODS,
+    FRACTION_BOUNDS,
     ReferenceInputError,
     density_method_problem,
+    fractions_problem,
 )
 from aiida_dm21.reference.sets import SPECIES_SETS
 from aiida_dm21.runner.reference import unconverged_steps
@@ -129,25 +130,6 @@ def atoms_of(atom: str) -> tuple[list[str], list[list[float]]]:
 
 #: The keys of the ``fractional`` input (``deltas`` and ``spin_fractions`` are inputs of their own).
 FRACTIONAL_KEYS = ('fractional_charge', 'fractional_spin', 'integer', 'reference_method')
-
-
-#: (low, high, whether high is excluded) of the workchain's ``deltas`` and ``spin_fractions``
-FRACTION_BOUNDS = {'deltas': (0.0, 1.0, True), 'spin_fractions': (0.0, 0.5, False)}
-
-
-def fractions_problem(name: str, value: t.Any) -> str | None:
-    """Why ``value`` cannot be the input ``name`` (``deltas`` or ``spin_fractions``), or ``None``: it must be a
-    non-empty list of finite numbers within :data:`FRACTION_BOUNDS`."""
-    low, high, high_open = FRACTION_BOUNDS[name]
-    interval = f'({low}, {high}{")" if high_open else "]"}'
-    if not isinstance(value, list) or not value:
-        return f'`{name}` must be a non-empty list of numbers in {interval}, got {value!r}'
-    for x in value:
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-            return f'`{name}` must hold finite numbers in {interval}, got {x!r}'
-        if not (low < x < high or (x == high and not high_open)):
-            return f'`{name}`: {x!r} is outside {interval}'
-    return None
 
 
 def _species_problem(
