@@ -5,7 +5,8 @@
 1. Reference data (``dm21.reference_data``, real PySCF: densities and energy terms in 6-31G, the CCSD(T) energy in
    ``--reference-basis``, default cc-pVQZ (6-31G's own with ``--quick`` or ``--reference-basis none``), one
    ``dm21.reference`` CalcJob per species) for the built-in sets ``light_train`` (H..N atoms and cations, H2/H2+,
-   LiH/LiH+) and ``light_heldout`` (O+/O, F+/F: no element in common with the training set), with many fractions δ
+   LiH/LiH+; or ``--train-set light_ne_train``, the same with Ne+/Ne) and ``light_heldout`` (O+/O, F+/F: no element
+   in common with the training set), with many fractions δ
    (default 0.05 .. 0.95 in steps of 0.05) and spin fractions (0.025 .. 0.5 in steps of 0.025).
 2. Fine-tuning of DeepMind's DM21m on the training set (``dm21.train`` in ``DM21TrainWorkChain``): mini-batches,
    a warm-up and cosine schedule, gradient clipping, a validation split with early stopping; the training grid
@@ -44,6 +45,8 @@ from aiida_dm21.reference.constants import fractions_problem  # light: no PySCF
 from aiida_dm21.training.config import KINDS  # light: no PyTorch
 
 TRAIN_SET, HELDOUT_SET = 'light_train', 'light_heldout'
+#: the training sets ``--train-set`` may name: none shares an element with HELDOUT_SET (tests/test_species_sets.py)
+TRAIN_SETS = ('light_train', 'light_ne_train')
 BASIS = '6-31g'
 #: the held-out atoms of the self-consistent evaluation: label -> (atom, charge, 2S)
 HELDOUT_SCF = {'O': ('O 0 0 0', 0, 2), 'O+': ('O 0 0 0', 1, 3), 'F': ('F 0 0 0', 0, 1), 'F+': ('F 0 0 0', 1, 2)}
@@ -105,6 +108,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--summary', type=Path, default=None, help='write the results as JSON to this file')
     parser.add_argument(
         '--img-dir', type=Path, default=None, help='where the PNGs go (default docs/img; --quick: none)'
+    )
+    parser.add_argument(
+        '--train-set',
+        choices=TRAIN_SETS,
+        default=TRAIN_SET,
+        help=f'species set to train on (default {TRAIN_SET}; light_ne_train adds Ne+/Ne beyond the held-out O, F)',
     )
     parser.add_argument('--grid-level', type=int, default=None, help='training = SCF grid (default 2; quick 1)')
     parser.add_argument('--epochs', type=int, default=None, help='at most this many epochs (default 6; quick 2)')
@@ -278,7 +287,9 @@ def target_label(reference_basis: str | None) -> str:
     return f'CCSD(T)/{reference_basis or BASIS}'
 
 
-def plot_learning_curve(history: dict, path: Path, reference_basis: str | None = None) -> Path:
+def plot_learning_curve(
+    history: dict, path: Path, reference_basis: str | None = None, train_set: str = TRAIN_SET
+) -> Path:
     """Per-epoch RMS E_xc error (training) and the validation loss as an RMS (mHa), log scale."""
     import numpy as np
     from matplotlib.figure import Figure
@@ -293,7 +304,7 @@ def plot_learning_curve(history: dict, path: Path, reference_basis: str | None =
     ax.set_yscale('log')
     ax.set_xlabel('epoch')
     ax.set_ylabel('mHa')
-    ax.set_title(f'fine-tuning DM21m on light_train (6-31G, targets {target_label(reference_basis)})', fontsize=10)
+    ax.set_title(f'fine-tuning DM21m on {train_set} (6-31G, targets {target_label(reference_basis)})', fontsize=10)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=90)
     return path
@@ -336,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = code.computer.get_workdir()
     summary['settings'] = {
         'basis': BASIS,
+        'train_set': args.train_set,
+        'heldout_set': HELDOUT_SET,
         'reference_basis': args.reference_basis,
         'deltas': args.deltas,
         'spin_fractions': args.spin_fractions,
@@ -366,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     with sampler:
         # 1. reference data
         datasets, jobs = {}, {}
-        for role, name in (('train', TRAIN_SET), ('heldout', HELDOUT_SET)):
+        for role, name in (('train', args.train_set), ('heldout', HELDOUT_SET)):
             builder = ReferenceDataWorkChain.get_builder()
             builder.code = code
             builder.set_name = orm.Str(name)
@@ -465,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copyfileobj(handle, out)
             images['fractional_curve'] = str(path)
         images['learning_curve'] = str(
-            plot_learning_curve(history, args.img_dir / 'e2e_learning_curve.png', args.reference_basis)
+            plot_learning_curve(history, args.img_dir / 'e2e_learning_curve.png', args.reference_basis, args.train_set)
         )
         for key, path in images.items():
             size = Path(path).stat().st_size

@@ -26,6 +26,19 @@ def test_light_split_shares_no_element():
     assert not _elements(train) & _elements(heldout)
 
 
+def test_light_ne_train_adds_neon_and_still_shares_no_element_with_the_heldout_set():
+    train, with_ne, heldout = get_set('light_train'), get_set('light_ne_train'), get_set('light_heldout')
+    assert _elements(with_ne) == _elements(train) | {'Ne'}
+    assert not _elements(with_ne) & _elements(heldout)
+    assert with_ne['species'][: len(train['species'])] == train['species']
+    assert [item['label'] for item in with_ne['species'][len(train['species']) :]] == ['Ne+', 'Ne']
+    assert with_ne['fractional_charge'] == [*train['fractional_charge'], ['Ne+', 'Ne']]
+    assert with_ne['fractional_spin'] == [*train['fractional_spin'], 'Ne+']
+    assert with_ne['integer'] == [*train['integer'], 'Ne']
+    assert with_ne['reference_method'] == 'ccsd(t)'
+    assert len(train['species']) == 19  # light_train itself is unchanged
+
+
 def test_light_split_is_a_subset_of_light():
     light = {item['label']: item for item in get_set('light')['species']}
     for name in ('light_train', 'light_heldout'):

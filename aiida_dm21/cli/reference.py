@@ -87,7 +87,7 @@ def launch(
     """Run a dm21.reference_data workchain on the built-in species set SET_NAME and build its dm21.dataset.
 
     Sets: demo_train (H, He; FCI), demo_heldout (Li; FCI), light, dm21_like,
-    light_train (light's H..N, H2, LiH), light_heldout (light's O, F)."""
+    light_train (light's H..N, H2, LiH), light_heldout (light's O, F), light_ne_train (light_train + Ne+, Ne)."""
     from aiida import orm
 
     from ..workflows.reference_data import ReferenceDataWorkChain

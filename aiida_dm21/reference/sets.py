@@ -148,6 +148,19 @@ def _subset(source: str, species: list[str]) -> dict:
 _LIGHT_TRAIN_ATOMS = ['H+', 'H', 'H-', 'He+', 'He', 'Li+', 'Li', 'Be+', 'Be', 'B+', 'B', 'C+', 'C', 'N+', 'N']
 SPECIES_SETS['light_train'] = _subset('light', [*_LIGHT_TRAIN_ATOMS, 'H2+', 'H2', 'LiH+', 'LiH'])
 SPECIES_SETS['light_heldout'] = _subset('light', ['O+', 'O', 'F+', 'F'])
+# light_train with neon on the far side of the held-out O and F (Ne+ -> Ne, Ne+'s fractional spin, the Ne atom), so
+# that the absolute energies of the held-out atoms are bracketed by trained elements instead of extrapolated from N.
+SPECIES_SETS['light_ne_train'] = {
+    **SPECIES_SETS['light_train'],
+    'species': [
+        *SPECIES_SETS['light_train']['species'],
+        {'label': 'Ne+', 'atom': 'Ne 0 0 0', 'charge': 1, 'multiplicity': 2},
+        {'label': 'Ne', 'atom': 'Ne 0 0 0', 'charge': 0, 'multiplicity': 1},
+    ],
+    'fractional_charge': [*SPECIES_SETS['light_train']['fractional_charge'], ['Ne+', 'Ne']],
+    'fractional_spin': [*SPECIES_SETS['light_train']['fractional_spin'], 'Ne+'],
+    'integer': [*SPECIES_SETS['light_train']['integer'], 'Ne'],
+}
 
 
 def get_set(name: str) -> dict:

@@ -189,3 +189,20 @@ def test_kind_weights_reach_the_training_and_bad_ones_are_refused(value, message
         module.parse_args(['--kind-weights', value])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('value', ['light', 'light_heldout', 'dm21_like', 'no_such_set'])
+def test_a_training_set_that_is_not_disjoint_from_the_heldout_set_is_refused(value, capsys):
+    """``--train-set`` takes only sets that share no element with light_heldout (``light`` holds O and F): anything
+    else is argparse's usage error, exit 2; the default stays light_train and light_ne_train is accepted."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location('end_to_end', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.parse_args([]).train_set == 'light_train'
+    assert module.parse_args(['--train-set', 'light_ne_train']).train_set == 'light_ne_train'
+    with pytest.raises(SystemExit) as info:
+        module.parse_args(['--train-set', value])
+    assert info.value.code == 2
+    assert f"argument --train-set: invalid choice: '{value}'" in capsys.readouterr().err
