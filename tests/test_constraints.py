@@ -149,3 +149,32 @@ def test_fitting_the_conditions_lowers_their_residuals(hydrogen, dm21m):
     # that falls first (to 4 mHa after the 5 steps); the FC residuals move little (12.6 -> 11.8 mHa)
     assert result.history['constraint'][-1] < 0.5 * result.history['constraint'][0], result.history['constraint']
     assert after['mae_constraint_fs_mha'] < 0.5 * before['mae_constraint_fs_mha']
+
+
+def test_the_validation_loss_with_conditions_is_the_objective_by_hand(hydrogen, dm21m, tmp_path):
+    """Early stopping compares the kind-weighted mean of err² plus μ Σ r² over the validation systems: computed by
+    hand from the model's energies, the sources of the conditions (H+, H− here) being outside the split."""
+    from aiida_dm21.training.train import _validation_loss
+
+    data = prepare_dataset(hydrogen, tmp_path / 'p', grid_level=0, with_regulariser=False)
+    table, _ = constraint_table(hydrogen)
+    weights = {'integer': 2.0, 'fc': 0.5, 'fs': 3.0}
+    mu = 7.0
+    config = TrainConfig.from_dict(
+        {'grid_level': 0, 'regulariser_weight': 0.0, 'kind_weights': weights, 'constraint_weight': mu}
+    )
+    err = {
+        i: evaluate_fast(dm21m, data.load(i, 'cpu', False), with_potential=False)[0] - data.load(i, 'cpu', False).target
+        for i in range(len(hydrogen))
+    }
+    split = [1, 3, 4, 5]  # H, FC[H+->H]@0.25, FC[H->H-]@0.5, FS[H]@0.5
+    kinds = {1: 'integer', 3: 'fc', 4: 'fc', 5: 'fs'}
+    r = {i: table[i].residual(err[i], err.__getitem__) for i in (3, 4, 5)}
+    by_hand = (sum(weights[kinds[i]] * err[i] ** 2 for i in split) + mu * sum(x**2 for x in r.values())) / len(split)
+    assert min(abs(x) for x in r.values()) > 1e-4  # every condition contributes
+    loss = _validation_loss(dm21m, data, split, config, False, 'cpu', table)
+    assert loss == pytest.approx(by_hand, rel=1e-9)
+    without = _validation_loss(
+        dm21m, data, split, TrainConfig.from_dict({**config.to_dict(), 'constraint_weight': 0.0}), False, 'cpu', table
+    )
+    assert loss - without == pytest.approx(mu * sum(x**2 for x in r.values()) / len(split), rel=1e-9)
