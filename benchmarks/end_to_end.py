@@ -142,6 +142,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help='μ of the reference-free exact conditions of the FC/FS systems (default 0: off)',
     )
     parser.add_argument(
+        '--anchor-weight',
+        type=_non_negative,
+        default=0.0,
+        help='α of the anchor to DM21m, + α Σ (θ − θ⁰)² (default 0: off)',
+    )
+    parser.add_argument(
         '--deltas',
         type=_fraction_list('deltas'),
         default=None,
@@ -274,6 +280,7 @@ def training_parameters(args, e_ref: dict[str, float]) -> dict:
         'validation_fraction': args.validation_fraction,
         'kind_weights': args.kind_weights or dict.fromkeys(KINDS, 1.0),
         'constraint_weight': args.constraint_weight,
+        'anchor_weight': args.anchor_weight,
         'patience': args.patience,
         'grid_level': args.grid_level,
         'save_every': 1,
@@ -527,7 +534,8 @@ def print_report(summary: dict, metrics: dict, history: dict) -> None:
         f'epochs run {len(history["epoch"])} (best {metrics.get("best_epoch")}, '
         f'stopped early at {metrics.get("stopped_early_at_epoch")}); epoch walls '
         + ', '.join(f'{w:.0f}' for w in history['wall_s'])
-        + ' s'
+        + ' s; ‖θ − θ⁰‖ of the checkpoint '
+        + (f'{metrics["weight_change"]:.4g}' if _finite(metrics.get('weight_change')) else 'n/a')
     )
     print('\n== fixed-density E_xc MAE (mHa): DM21m -> fine-tuned ==')
     # r FC / r FS: mean |r| of the exact conditions (E(N+δ) − linear, E(ens) − E(pure)), no reference in them

@@ -115,6 +115,9 @@ class TrainConfig:
     # μ of the reference-free exact conditions (training/constraints.py): + μ r² per FC/FS system whose integer
     # sources are among the systems; 0: off
     constraint_weight: float = 0.0
+    # α of the anchor to the initial network (L2-SP): + α Σ_p (θ_p − θ⁰_p)² on every step, θ⁰ the weights the run
+    # started from (the initial checkpoint), so that a fine-tune stays a correction of it; 0: off
+    anchor_weight: float = 0.0
     # self-consistent evaluation of the initial and trained functional (off by default: SCFs cost minutes)
     scf_evaluation: list = dataclasses.field(default_factory=list)  # [{atom, basis, charge, spin, e_ref, label}]
     fractional_evaluation: dict | None = (
@@ -159,6 +162,7 @@ class TrainConfig:
             'learning_rate': (0.0, False),
             'regulariser_weight': (0.0, True),
             'constraint_weight': (0.0, True),
+            'anchor_weight': (0.0, True),
             'eta': (0.0, False),
             'max_grad_norm': (0.0, True),
             'validation_fraction': (0.0, True),

@@ -241,6 +241,13 @@ def _residuals(network, data: PreparedData, indices, constraints, errors: dict[i
     }
 
 
+def _distance(network, reference: list) -> float:
+    """‖θ − θ⁰‖₂ over all the network's parameters: how far training moved it from where it started."""
+    with torch.no_grad():
+        squares = [((p - p0) ** 2).sum() for p, p0 in zip(network.parameters(), reference, strict=True)]
+        return math.sqrt(float(torch.stack(squares).sum()))
+
+
 def _validation_loss(
     network, data: PreparedData, indices, config: TrainConfig, want_reg: bool, device, constraints=None
 ) -> float:
@@ -374,6 +381,8 @@ def train(
         network.load_state_dict(initial.state_dict())
     network = network.to(device=device, dtype=torch.float32).train()
     network.requires_grad_(True)
+    # θ⁰ of the anchor and of `weight_change`: the weights before any step (a resumed run rebuilds the same ones)
+    initial_weights = [param.detach().clone() for param in network.parameters()]
     say = progress or (lambda message: None)
     start = time.perf_counter()
     want_reg = config.regulariser_weight > 0
@@ -526,6 +535,11 @@ def train(
                     torch.distributed.all_reduce(param.grad)
             elif bad is not None:
                 raise bad
+            if config.anchor_weight > 0:  # + α Σ (θ − θ⁰)², the same on every process (after the all-reduce)
+                with torch.no_grad():
+                    for param, start_value in zip(network.parameters(), initial_weights, strict=True):
+                        share = 2.0 * config.anchor_weight * (param - start_value)
+                        param.grad = share if param.grad is None else param.grad.add_(share)
             clip = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
             norm = torch.nn.utils.clip_grad_norm_(network.parameters(), clip)
             sums['grad_norm'] += float(norm)
@@ -540,6 +554,7 @@ def train(
         for key in keys:
             history[key].append(sums[key] / len(train_idx))
         history['grad_norm'].append(sums['grad_norm'] / steps_per_epoch)
+        history.setdefault('weight_change', []).append(_distance(network, initial_weights))
         history['learning_rate'].append(lr)
         note = ''
         if val_idx:
@@ -583,6 +598,7 @@ def train(
     scf = evaluate_scf(network, config, say) if rank == 0 else {}
     if scf:
         metrics['after']['scf'] = scf
+    metrics['weight_change'] = _distance(network, initial_weights)
     metrics['n_train_systems'] = len(train_idx)
     metrics['n_validation_systems'] = len(val_idx)
     metrics['n_heldout_systems'] = len(heldout_idx)

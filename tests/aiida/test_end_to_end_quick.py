@@ -102,11 +102,11 @@ def test_end_to_end_quick(isolated, tmp_path):
     assert 'reference CalcJobs reached 3 / run 3 (ok 3)' in done.stdout and ': OK' in done.stdout
 
 
-@pytest.mark.parametrize('flag', ['regulariser-weight', 'constraint-weight'])
+@pytest.mark.parametrize('flag', ['regulariser-weight', 'constraint-weight', 'anchor-weight'])
 @pytest.mark.parametrize('value', ['-1', 'nan', 'inf', 'heavy'])
 def test_a_bad_loss_weight_is_refused_before_anything_runs(flag, value, capsys):
-    """``--regulariser-weight`` and ``--constraint-weight`` must be finite numbers >= 0: argparse refuses anything
-    else (exit 2) with the value named; a good one reaches the training parameters."""
+    """``--regulariser-weight``, ``--constraint-weight`` and ``--anchor-weight`` must be finite numbers >= 0:
+    argparse refuses anything else (exit 2) with the value named; a good one reaches the training parameters."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location('end_to_end', SCRIPT)
