@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 from aiida_dm21.reference.constants import fractions_problem  # light: no PySCF
-from aiida_dm21.training.config import KINDS  # light: no PyTorch
+from aiida_dm21.training.config import KINDS, TrainConfig  # light: no PyTorch
 
 TRAIN_SET, HELDOUT_SET = 'light_train', 'light_heldout'
 #: the training sets ``--train-set`` may name: none shares an element with HELDOUT_SET (tests/test_species_sets.py)
@@ -160,8 +160,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help='FS spin fractions, comma-separated (default 0.025 … 0.5 in steps of 0.025; quick 0.5)',
     )
     parser.add_argument('--batch-size', type=int, default=None, help='systems per step (default 8; quick 4)')
-    parser.add_argument('--patience', type=int, default=None, help='early stopping (default 2; quick 1)')
-    parser.add_argument('--validation-fraction', type=float, default=None, help='default 0.1; quick 0.2')
+    parser.add_argument(
+        '--patience', type=int, default=None, help='early stopping (default 2; quick 1; 0 without a validation split)'
+    )
+    parser.add_argument(
+        '--validation-fraction', type=float, default=None, help='default 0.1; quick 0.2; 0: no validation split'
+    )
     parser.add_argument('--reference-batch', type=int, default=None, help='species per CalcJob (default 1; quick 10)')
     args = parser.parse_args(argv)
     quick = args.quick
@@ -173,6 +177,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         'validation_fraction': 0.2 if quick else 0.1,
         'reference_batch': 10 if quick else 1,
     }
+    if args.validation_fraction == 0 and args.patience is None:
+        defaults['patience'] = 0  # early stopping needs a validation split
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -186,6 +192,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.spin_fractions = [0.5] if quick else _steps(0.025, 0.5, 0.025)
     if args.img_dir is None and not quick:
         args.img_dir = Path(__file__).resolve().parents[1] / 'docs' / 'img'
+    # the training job's own validation (light: no PyTorch), now rather than after the reference data
+    try:
+        TrainConfig.from_dict(training_parameters(args, dict.fromkeys(HELDOUT_SCF, 0.0)))
+    except ValueError as exc:
+        parser.error(f'the training would be refused: {exc}')
     return args
 
 
@@ -504,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
             summary['failures'].append(f'{when}: no finite held-out SCF MAE')
         if not _finite(scf.get('fractional_charge', {}).get('max_abs_deviation_mha')):
             summary['failures'].append(f'{when}: no finite held-out FC deviation')
-        for split in ('train', 'validation', 'heldout'):
+        for split in ('train', 'validation', 'heldout') if args.validation_fraction > 0 else ('train', 'heldout'):
             if not _finite(block.get(split, {}).get('mae_all_mha')):
                 summary['failures'].append(f'{when}: no finite {split} MAE')
     if counts['train']['n_systems'] < (1 if args.quick else 300):

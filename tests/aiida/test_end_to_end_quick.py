@@ -206,3 +206,33 @@ def test_a_training_set_that_is_not_disjoint_from_the_heldout_set_is_refused(val
         module.parse_args(['--train-set', value])
     assert info.value.code == 2
     assert f"argument --train-set: invalid choice: '{value}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ('argv', 'message'),
+    [
+        (['--validation-fraction', '1.5'], '`validation_fraction` must be < 1'),
+        (['--validation-fraction', 'nan'], '`validation_fraction` must be a finite number'),
+        (['--validation-fraction', '0', '--patience', '2'], '`patience` (early stopping) needs a validation split'),
+        (['--epochs', '-1'], '`epochs` must be an integer >= 0'),
+        (['--batch-size', '0'], '`batch_size` must be an integer >= 1'),
+        (['--grid-level', '12'], '`grid_level` must be a PySCF grid level 0-9'),
+        (['--learning-rate', '0'], '`learning_rate` must be a finite number > 0'),
+    ],
+)
+def test_a_training_the_job_would_refuse_is_refused_before_the_reference_data(argv, message, capsys):
+    """The training parameters are checked by the training job's own validator when the arguments are parsed (exit
+    2), not after minutes of reference calculations; without a validation split early stopping defaults to off."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location('end_to_end', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(['--validation-fraction', '0'])
+    assert args.validation_fraction == 0 and args.patience == 0
+    assert module.parse_args([]).patience == 2
+    with pytest.raises(SystemExit) as info:
+        module.parse_args(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert 'the training would be refused' in err and message in err
