@@ -704,6 +704,12 @@ class IsolatedAiida:
                 '--broker-virtual-host', services['vhost'],
             )  # fmt: skip
 
+    def setup_sqlite_zeromq(self) -> None:
+        """``verdi presto --use-zeromq``: ``core.sqlite_dos`` storage, the ZeroMQ broker run inside the daemon."""
+        self.verdi(
+            'presto', '--non-interactive', '--use-zeromq', '--profile-name', self.profile, '--email', 'dm21@test'
+        )
+
     # --- the daemon --------------------------------------------------------------------------------------------
 
     def _daemon_processes(self, recursive: bool = True) -> list:

@@ -69,7 +69,7 @@ def test_sqlite_no_broker_run_in_process(aiida_profile, run_h2_scf, checkpoint_n
 def test_sqlite_zeromq_daemon(isolated, dm21_checkpoint_file, reference_energy):
     """``verdi presto --use-zeromq``; the ZeroMQ broker runs inside the daemon, so the daemon starts first."""
     aiida = isolated(f'dm21-zmq-{uuid.uuid4().hex[:8]}')
-    aiida.verdi('presto', '--non-interactive', '--use-zeromq', '--profile-name', aiida.profile, '--email', 'dm21@test')
+    aiida.setup_sqlite_zeromq()
     with aiida.daemon():
         result = aiida.driver('submit', '--checkpoint', str(dm21_checkpoint_file), '--wait', '240')
         _check(result, reference_energy, 'core.sqlite_dos', 'core.zeromq', aiida.logs())

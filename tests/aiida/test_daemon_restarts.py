@@ -3,8 +3,7 @@
 The ``dm21.scf`` workchain of stretched LiH in STO-3G (grid level 0, ``max_cycle`` 1 from the core-Hamiltonian
 guess) runs four ``dm21.scf`` CalcJobs in sequence: three do not converge (400, with 1, 2 and 4 cycles) and each
 is restarted from its density with a new strategy, the fourth (Newton solver) converges.  On ``core.psql_dos`` +
-RabbitMQ (the production set-up) and on ``verdi presto --use-zeromq`` (SQLite, the broker inside the daemon), each in
-a private ``AIIDA_PATH`` (``backend_driver.py``):
+RabbitMQ (the production set-up), in a private ``AIIDA_PATH`` (``backend_driver.py``):
 
 1. the undisturbed run: submitted, run by the daemon to its end: the reference;
 2. the same workchain again, with the daemon crashed (SIGKILL to circus and its workers, no shutdown code runs) and
@@ -100,25 +99,15 @@ def _check_same_jobs(undisturbed: dict, disturbed: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('broker', ['rabbitmq', 'zeromq'])
-def test_daemon_killed_three_times_mid_workchain(broker, isolated, request, dm21_checkpoint_file):
-    """``rabbitmq``: ``core.psql_dos`` + RabbitMQ, the production set-up, where the broker outlives the daemon.
-    ``zeromq``: ``verdi presto --use-zeromq`` (``core.sqlite_dos``), where the broker is a child of the daemon and
-    dies with it: the tasks of the running processes must survive the crash on disk."""
-    if broker == 'rabbitmq':
-        services = request.getfixturevalue('services')
-        aiida = isolated(services['name'].replace('_', '-'))
-    else:
-        aiida = isolated('dm21-zeromq-restarts')
+def test_daemon_killed_three_times_mid_workchain(isolated, services, dm21_checkpoint_file):
+    """On ``core.psql_dos`` + RabbitMQ only: with ``verdi presto --use-zeromq`` the broker dies with the daemon, and
+    in 2 of 5 runs here a CalcJob created just before the crash stayed ``waiting`` for ever (its task was lost), so
+    a ZeroMQ profile is not crash-safe (docs/aiida.md)."""
+    aiida = isolated(services['name'].replace('_', '-'))
+    aiida.setup_psql_rabbitmq(services)
     # a cold numba cache: the first job compiles the kernels, the later ones load them (the two once gave energies
     # 1e-8 Ha apart, which this test found first; tests/test_kernel_cache.py)
     aiida.env['NUMBA_CACHE_DIR'] = str(aiida.root / 'numba-cache')
-    if broker == 'rabbitmq':
-        aiida.setup_psql_rabbitmq(services)
-    else:
-        aiida.verdi(
-            'presto', '--non-interactive', '--use-zeromq', '--profile-name', aiida.profile, '--email', 'dm21@test'
-        )
     checkpoint = str(dm21_checkpoint_file)
     moments = []
     with aiida.daemon():

@@ -16,6 +16,16 @@ pytestmark = [pytest.mark.aiida, pytest.mark.slow]
 SCRIPT = Path(__file__).resolve().parents[2] / 'benchmarks' / 'end_to_end.py'
 
 
+def _script():
+    """``benchmarks/end_to_end.py`` loaded as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location('end_to_end', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -107,11 +117,7 @@ def test_end_to_end_quick(isolated, tmp_path):
 def test_a_bad_loss_weight_is_refused_before_anything_runs(flag, value, capsys):
     """``--regulariser-weight``, ``--constraint-weight`` and ``--anchor-weight`` must be finite numbers >= 0:
     argparse refuses anything else (exit 2) with the value named; a good one reaches the training parameters."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location('end_to_end', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script()
     args = module.parse_args([f'--{flag}', '100'])
     key = flag.replace('-', '_')
     assert getattr(args, key) == 100.0
@@ -132,11 +138,7 @@ def test_a_bad_loss_weight_is_refused_before_anything_runs(flag, value, capsys):
 def test_fractions_outside_their_range_are_refused(flag, value, capsys):
     """``--deltas`` lie in (0, 1) and ``--spin-fractions`` in (0, 1/2]: anything else is refused (exit 2), named;
     good lists are sorted and reach the arguments, and the defaults stay the 19 δ and 20 spin fractions."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location('end_to_end', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script()
     args = module.parse_args(['--deltas', '0.75,0.25', '--spin-fractions', '0.5'])
     assert args.deltas == [0.25, 0.75] and args.spin_fractions == [0.5]
     default = module.parse_args([])
@@ -148,11 +150,7 @@ def test_fractions_outside_their_range_are_refused(flag, value, capsys):
 
 
 def test_the_reference_basis_defaults_to_cc_pvqz_and_none_keeps_the_densities_basis():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location('end_to_end', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script()
     assert module.parse_args([]).reference_basis == 'cc-pvqz'
     assert module.parse_args(['--quick']).reference_basis is None
     assert module.parse_args(['--reference-basis', 'none']).reference_basis is None
@@ -167,11 +165,7 @@ def test_the_reference_basis_defaults_to_cc_pvqz_and_none_keeps_the_densities_ba
 )
 def test_kind_weights_reach_the_training_and_bad_ones_are_refused(value, message, capsys):
     """``--kind-weights integer=20`` sets the training's ``kind_weights`` (others 1); a bad one exits 2, named."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location('end_to_end', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script()
     args = module.parse_args(['--kind-weights', 'integer=20, fs=0.5'])
     assert args.kind_weights == {'integer': 20.0, 'fc': 1.0, 'fs': 0.5}
     assert module.training_parameters(args, dict.fromkeys(module.HELDOUT_SCF, -1.0))['kind_weights'] == {
@@ -195,11 +189,7 @@ def test_kind_weights_reach_the_training_and_bad_ones_are_refused(value, message
 def test_a_training_set_that_is_not_disjoint_from_the_heldout_set_is_refused(value, capsys):
     """``--train-set`` takes only sets that share no element with light_heldout (``light`` holds O and F): anything
     else is argparse's usage error, exit 2; the default stays light_train and light_ne_train is accepted."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location('end_to_end', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script()
     assert module.parse_args([]).train_set == 'light_train'
     assert module.parse_args(['--train-set', 'light_ne_train']).train_set == 'light_ne_train'
     with pytest.raises(SystemExit) as info:
@@ -223,11 +213,7 @@ def test_a_training_set_that_is_not_disjoint_from_the_heldout_set_is_refused(val
 def test_a_training_the_job_would_refuse_is_refused_before_the_reference_data(argv, message, capsys):
     """The training parameters are checked by the training job's own validator when the arguments are parsed (exit
     2), not after minutes of reference calculations; without a validation split early stopping defaults to off."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location('end_to_end', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script()
     args = module.parse_args(['--validation-fraction', '0'])
     assert args.validation_fraction == 0 and args.patience == 0
     assert module.parse_args([]).patience == 2
